@@ -1,0 +1,543 @@
+//! The AWS storage backend: one DynamoDB table with a string partition key `pk`.
+//!
+//! | item | `pk` | holds |
+//! |---|---|---|
+//! | prospect | `PROSPECT#{account}#{sha256(normalized email)}` | top-level status/version attributes + JSON `doc` |
+//! | id pointer | `PID#{account}#{prospect_id}` | `target`: the prospect's `pk` |
+//! | external_id pointer | `EXT#{account}#{external_id}` | `target`: the prospect's `pk` |
+//! | account | `ACCOUNT#{id}` | JSON `doc` |
+//! | key | `KEY#{sha256(key)}` | JSON `doc`; `gsi1pk` = `ACCOUNT#{id}#KEYS` |
+//! | key id pointer | `KEYID#{key_id}` | `hash` |
+//! | campaign | `CAMPAIGN#{id}` | JSON `doc`; `gsi1pk` = `ACCOUNT#{id}#CAMPAIGNS` |
+//!
+//! Every prospect has its own partition (account + email), so one large account never
+//! concentrates writes on one key. Lookups by id or external_id go through pointer items read
+//! with strong consistency (never an index), so a PATCH right after a POST always finds it.
+//! Uniqueness of email and external_id is enforced by conditional writes in one transaction.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, KeysAndAttributes, Put, ReturnValue, TransactWriteItem};
+use aws_sdk_dynamodb::Client;
+use time::OffsetDateTime;
+
+use super::record::{rfc3339, ProspectRecord};
+use crate::domain::{
+    Account, AccountId, ApiKeyRecord, Campaign, CampaignId, KeyHash, KeyId, NormalizedEmail, Prospect,
+    ProspectStatus,
+};
+use crate::ports::{AdminStore, Conflict, KeyStore, ProspectRef, ProspectRepository, StoreError, UpsertContext};
+
+/// Name of the table's one global secondary index (keys and campaigns by account).
+pub const GSI1: &str = "gsi1";
+type Item = HashMap<String, AttributeValue>;
+
+/// Error codes that mean "try again later", not "broken".
+const RETRYABLE_CODES: [&str; 7] = [
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "LimitExceededException",
+    "TransactionInProgressException",
+];
+
+/// Translates an SDK failure: throttling, timeouts and unreachable endpoints are
+/// [`StoreError::Unavailable`]; anything else [`StoreError::Other`].
+pub(crate) fn sdk_error<E, R>(e: SdkError<E, R>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let retryable = match &e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+        SdkError::ServiceError(se) => se.err().code().is_some_and(|c| RETRYABLE_CODES.contains(&c)),
+        _ => false,
+    };
+    if retryable {
+        StoreError::Unavailable(Box::new(e))
+    } else {
+        StoreError::Other(Box::new(e))
+    }
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn key(pk: impl Into<String>) -> Item {
+    HashMap::from([("pk".to_owned(), s(pk))])
+}
+
+fn get_s(item: &Item, name: &str) -> Result<String, StoreError> {
+    match item.get(name) {
+        Some(AttributeValue::S(v)) => Ok(v.clone()),
+        _ => Err(StoreError::other(format!("item lacks string attribute {name}"))),
+    }
+}
+
+fn get_n<T: std::str::FromStr>(item: &Item, name: &str) -> Result<T, StoreError> {
+    match item.get(name) {
+        Some(AttributeValue::N(v)) => v.parse().map_err(|_| StoreError::other(format!("attribute {name} is not a number"))),
+        _ => Err(StoreError::other(format!("item lacks number attribute {name}"))),
+    }
+}
+
+fn doc_of<T: serde::de::DeserializeOwned>(item: &Item) -> Result<T, StoreError> {
+    serde_json::from_str(&get_s(item, "doc")?).map_err(StoreError::other)
+}
+
+fn to_doc<T: serde::Serialize>(v: &T) -> Result<AttributeValue, StoreError> {
+    serde_json::to_string(v).map(s).map_err(StoreError::other)
+}
+
+fn prospect_pk(account: &str, email_hash: &str) -> String {
+    format!("PROSPECT#{account}#{email_hash}")
+}
+
+fn id_pointer_pk(account: &str, id: &str) -> String {
+    format!("PID#{account}#{id}")
+}
+
+fn external_pointer_pk(account: &str, external_id: &str) -> String {
+    format!("EXT#{account}#{external_id}")
+}
+
+fn account_pk(id: AccountId) -> String {
+    format!("ACCOUNT#{id}")
+}
+
+fn campaign_pk(id: CampaignId) -> String {
+    format!("CAMPAIGN#{id}")
+}
+
+fn key_pk(hash: &str) -> String {
+    format!("KEY#{hash}")
+}
+
+fn key_id_pk(id: KeyId) -> String {
+    format!("KEYID#{id}")
+}
+
+fn prospect_item(r: &ProspectRecord, enroll_count: u32) -> Item {
+    let mut item = HashMap::from([
+        ("pk".to_owned(), s(prospect_pk(&r.account_id, &r.email_hash))),
+        ("id".to_owned(), s(&r.id)),
+        ("account_id".to_owned(), s(&r.account_id)),
+        ("email_hash".to_owned(), s(&r.email_hash)),
+        ("status".to_owned(), s(&r.status)),
+        ("ended_through".to_owned(), n(r.ended_through)),
+        ("enroll_count".to_owned(), n(enroll_count)),
+        ("version".to_owned(), n(r.version)),
+        ("updated_at".to_owned(), s(&r.updated_at)),
+        ("doc".to_owned(), s(&r.doc)),
+    ]);
+    if let Some(ext) = &r.external_id {
+        item.insert("external_id".to_owned(), s(ext));
+    }
+    item
+}
+
+fn prospect_from_item(item: &Item) -> Result<Prospect, StoreError> {
+    ProspectRecord {
+        id: get_s(item, "id")?,
+        account_id: get_s(item, "account_id")?,
+        email_hash: get_s(item, "email_hash")?,
+        external_id: item.get("external_id").and_then(|v| v.as_s().ok()).cloned(),
+        status: get_s(item, "status")?,
+        ended_through: get_n(item, "ended_through")?,
+        version: get_n(item, "version")?,
+        updated_at: get_s(item, "updated_at")?,
+        doc: get_s(item, "doc")?,
+    }
+    .into_prospect()
+}
+
+fn pointer_put(table: &str, pk: String, target: &str) -> Result<TransactWriteItem, StoreError> {
+    let put = Put::builder()
+        .table_name(table)
+        .set_item(Some(HashMap::from([("pk".to_owned(), s(pk)), ("target".to_owned(), s(target))])))
+        .condition_expression("attribute_not_exists(pk)")
+        .build()
+        .map_err(StoreError::other)?;
+    Ok(TransactWriteItem::builder().put(put).build())
+}
+
+/// The DynamoDB store.
+#[derive(Clone, Debug)]
+pub struct DynamoStore {
+    client: Client,
+    table: String,
+}
+
+impl DynamoStore {
+    #[must_use]
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self { client, table: table.into() }
+    }
+
+    async fn get(&self, pk: String, consistent: bool) -> Result<Option<Item>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk)))
+            .consistent_read(consistent)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(out.item)
+    }
+
+    async fn put(&self, item: Item, condition: Option<&str>) -> Result<(), StoreError> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .set_condition_expression(condition.map(str::to_owned))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(())
+    }
+
+    /// Runs a transaction; a cancelled one maps the first failed condition through `conflicts`
+    /// (by item index), and a transaction conflict to [`Conflict::Version`].
+    async fn transact(&self, items: Vec<TransactWriteItem>, conflicts: &[Conflict]) -> Result<(), StoreError> {
+        let result = self.client.transact_write_items().set_transact_items(Some(items)).send().await;
+        let Err(e) = result else { return Ok(()) };
+        if let SdkError::ServiceError(se) = &e {
+            if let aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(tc) =
+                se.err()
+            {
+                for (i, reason) in tc.cancellation_reasons().iter().enumerate() {
+                    match reason.code() {
+                        Some("ConditionalCheckFailed") => {
+                            return Err(StoreError::Conflict(conflicts.get(i).copied().unwrap_or(Conflict::Version)));
+                        }
+                        Some("TransactionConflict") => return Err(StoreError::Conflict(Conflict::Version)),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Err(sdk_error(e))
+    }
+
+    /// The prospect `pk` a reference resolves to (one strongly consistent read for a pointer).
+    async fn resolve(&self, account: AccountId, by: &ProspectRef) -> Result<Option<String>, StoreError> {
+        let acc = account.to_string();
+        let pointer = match by {
+            ProspectRef::Email(email) => return Ok(Some(prospect_pk(&acc, &email.key_hash()))),
+            ProspectRef::Id(id) => id_pointer_pk(&acc, &id.to_string()),
+            ProspectRef::ExternalId(ext) => external_pointer_pk(&acc, ext.as_str()),
+        };
+        self.get(pointer, true).await?.map(|item| get_s(&item, "target")).transpose()
+    }
+
+    async fn query_gsi(&self, gsi1pk: String) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(GSI1)
+                .key_condition_expression("gsi1pk = :p")
+                .expression_attribute_values(":p", s(&gsi1pk))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            items.extend(out.items.unwrap_or_default());
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                return Ok(items);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ProspectRepository for DynamoStore {
+    async fn upsert_context(
+        &self,
+        account: AccountId,
+        email: &NormalizedEmail,
+        campaign: Option<CampaignId>,
+    ) -> Result<UpsertContext, StoreError> {
+        let prospect_key = prospect_pk(&account.to_string(), &email.key_hash());
+        let mut keys = vec![key(&prospect_key), key(account_pk(account))];
+        if let Some(c) = campaign {
+            keys.push(key(campaign_pk(c)));
+        }
+        let mut found: Vec<Item> = Vec::new();
+        for _ in 0..3 {
+            let request = KeysAndAttributes::builder().set_keys(Some(keys)).consistent_read(true).build().map_err(StoreError::other)?;
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.table, request)
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            found.extend(out.responses.and_then(|mut r| r.remove(&self.table)).unwrap_or_default());
+            keys = out.unprocessed_keys.and_then(|mut u| u.remove(&self.table)).map(|k| k.keys).unwrap_or_default();
+            if keys.is_empty() {
+                break;
+            }
+        }
+        if !keys.is_empty() {
+            return Err(StoreError::Unavailable("batch read left keys unprocessed".into()));
+        }
+        let mut ctx = UpsertContext::default();
+        for item in &found {
+            let pk = get_s(item, "pk")?;
+            if pk == prospect_key {
+                ctx.prospect = Some(prospect_from_item(item)?);
+            } else if pk.starts_with("ACCOUNT#") {
+                ctx.default_campaign_id = doc_of::<Account>(item)?.default_campaign_id;
+            } else {
+                ctx.requested_campaign = Some(doc_of(item)?);
+            }
+        }
+        Ok(ctx)
+    }
+
+    async fn insert(&self, prospect: &Prospect) -> Result<(), StoreError> {
+        let r = ProspectRecord::from_prospect(prospect, 1);
+        let pk = prospect_pk(&r.account_id, &r.email_hash);
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(prospect_item(&r, prospect.enrollment_count())))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(StoreError::other)?;
+        let mut items = vec![TransactWriteItem::builder().put(put).build(), pointer_put(&self.table, id_pointer_pk(&r.account_id, &r.id), &pk)?];
+        let mut conflicts = vec![Conflict::Email, Conflict::Email];
+        if let Some(ext) = &r.external_id {
+            items.push(pointer_put(&self.table, external_pointer_pk(&r.account_id, ext), &pk)?);
+            conflicts.push(Conflict::ExternalId);
+        }
+        self.transact(items, &conflicts).await
+    }
+
+    async fn update(&self, previous: &Prospect, updated: &Prospect) -> Result<(), StoreError> {
+        let r = ProspectRecord::from_prospect(updated, previous.version + 1);
+        let pk = prospect_pk(&r.account_id, &r.email_hash);
+        let item = prospect_item(&r, updated.enrollment_count());
+        let version = n(previous.version);
+        if previous.external_id == updated.external_id {
+            let result = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression("version = :v")
+                .expression_attribute_values(":v", version)
+                .send()
+                .await;
+            return match result {
+                Ok(_) => Ok(()),
+                Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => {
+                    Err(StoreError::Conflict(Conflict::Version))
+                }
+                Err(e) => Err(sdk_error(e)),
+            };
+        }
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("version = :v")
+            .expression_attribute_values(":v", version)
+            .build()
+            .map_err(StoreError::other)?;
+        let mut items = vec![TransactWriteItem::builder().put(put).build()];
+        let mut conflicts = vec![Conflict::Version];
+        if let Some(old) = &previous.external_id {
+            let delete = Delete::builder()
+                .table_name(&self.table)
+                .set_key(Some(key(external_pointer_pk(&r.account_id, old.as_str()))))
+                .build()
+                .map_err(StoreError::other)?;
+            items.push(TransactWriteItem::builder().delete(delete).build());
+            conflicts.push(Conflict::Version);
+        }
+        if let Some(new) = &r.external_id {
+            items.push(pointer_put(&self.table, external_pointer_pk(&r.account_id, new), &pk)?);
+            conflicts.push(Conflict::ExternalId);
+        }
+        self.transact(items, &conflicts).await
+    }
+
+    async fn set_status(
+        &self,
+        account: AccountId,
+        prospect: &ProspectRef,
+        status: ProspectStatus,
+        now: OffsetDateTime,
+    ) -> Result<Option<Prospect>, StoreError> {
+        let Some(pk) = self.resolve(account, prospect).await? else { return Ok(None) };
+        let mut expression = "SET #status = :s, updated_at = :now, version = version + :one".to_owned();
+        if status.ends_campaigns() {
+            expression.push_str(", ended_through = enroll_count");
+        }
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk)))
+            .update_expression(expression)
+            .condition_expression("attribute_exists(pk) AND account_id = :account")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":s", s(status.as_str()))
+            .expression_attribute_values(":now", s(rfc3339(now)))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":account", s(account.to_string()))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(out) => out.attributes.as_ref().map(prospect_from_item).transpose(),
+            Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => Ok(None),
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
+    async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
+        let Some(pk) = self.resolve(account, prospect).await? else { return Ok(None) };
+        let Some(item) = self.get(pk, true).await? else { return Ok(None) };
+        let p = prospect_from_item(&item)?;
+        Ok((p.account_id == account).then_some(p))
+    }
+}
+
+#[async_trait]
+impl KeyStore for DynamoStore {
+    async fn find_key(&self, hash: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.get(key_pk(hash.as_str()), false).await?.as_ref().map(doc_of).transpose()
+    }
+}
+
+#[async_trait]
+impl AdminStore for DynamoStore {
+    async fn create_account(&self, account: &Account) -> Result<(), StoreError> {
+        let mut item = key(account_pk(account.id));
+        item.insert("doc".into(), to_doc(account)?);
+        self.put(item, Some("attribute_not_exists(pk)")).await
+    }
+
+    async fn get_account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
+        self.get(account_pk(id), true).await?.as_ref().map(doc_of).transpose()
+    }
+
+    async fn is_empty(&self) -> Result<bool, StoreError> {
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .filter_expression("begins_with(pk, :a)")
+                .expression_attribute_values(":a", s("ACCOUNT#"))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            if out.count > 0 {
+                return Ok(false);
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                return Ok(true);
+            }
+        }
+    }
+
+    async fn create_key(&self, record: &ApiKeyRecord) -> Result<(), StoreError> {
+        let mut item = key(key_pk(record.hash.as_str()));
+        item.insert("doc".into(), to_doc(record)?);
+        item.insert("gsi1pk".into(), s(format!("{}#KEYS", account_pk(record.account_id))));
+        item.insert("gsi1sk".into(), s(format!("{}#{}", rfc3339(record.created_at), record.key_id)));
+        let put = Put::builder().table_name(&self.table).set_item(Some(item)).condition_expression("attribute_not_exists(pk)").build().map_err(StoreError::other)?;
+        let mut pointer = key(key_id_pk(record.key_id));
+        pointer.insert("hash".into(), s(record.hash.as_str()));
+        let put_pointer = Put::builder().table_name(&self.table).set_item(Some(pointer)).condition_expression("attribute_not_exists(pk)").build().map_err(StoreError::other)?;
+        self.transact(
+            vec![TransactWriteItem::builder().put(put).build(), TransactWriteItem::builder().put(put_pointer).build()],
+            &[Conflict::Version, Conflict::Version],
+        )
+        .await
+    }
+
+    async fn revoke_key(&self, id: KeyId, now: OffsetDateTime) -> Result<bool, StoreError> {
+        let Some(pointer) = self.get(key_id_pk(id), true).await? else { return Ok(false) };
+        let pk = key_pk(&get_s(&pointer, "hash")?);
+        let Some(mut item) = self.get(pk, true).await? else { return Ok(false) };
+        let mut record: ApiKeyRecord = doc_of(&item)?;
+        record.revoked_at.get_or_insert(now);
+        item.insert("doc".into(), to_doc(&record)?);
+        self.put(item, None).await?;
+        Ok(true)
+    }
+
+    async fn list_keys(&self, account: AccountId) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.query_gsi(format!("{}#KEYS", account_pk(account))).await?.iter().map(doc_of).collect()
+    }
+
+    async fn create_campaign(&self, campaign: &Campaign, make_default: bool) -> Result<(), StoreError> {
+        let mut item = key(campaign_pk(campaign.id));
+        item.insert("doc".into(), to_doc(campaign)?);
+        item.insert("gsi1pk".into(), s(format!("{}#CAMPAIGNS", account_pk(campaign.account_id))));
+        item.insert("gsi1sk".into(), s(format!("{}#{}", rfc3339(campaign.created_at), campaign.id)));
+        self.put(item, Some("attribute_not_exists(pk)")).await?;
+        if make_default {
+            let mut account = self
+                .get_account(campaign.account_id)
+                .await?
+                .ok_or_else(|| StoreError::other("campaign's account does not exist"))?;
+            account.default_campaign_id = Some(campaign.id);
+            self.create_or_replace_account(&account).await?;
+        }
+        Ok(())
+    }
+
+    async fn list_campaigns(&self, account: AccountId) -> Result<Vec<Campaign>, StoreError> {
+        self.query_gsi(format!("{}#CAMPAIGNS", account_pk(account))).await?.iter().map(doc_of).collect()
+    }
+
+    async fn deactivate_campaign(&self, id: CampaignId) -> Result<bool, StoreError> {
+        let Some(mut item) = self.get(campaign_pk(id), true).await? else { return Ok(false) };
+        let mut campaign: Campaign = doc_of(&item)?;
+        campaign.active = false;
+        item.insert("doc".into(), to_doc(&campaign)?);
+        self.put(item, None).await?;
+        if let Some(mut account) = self.get_account(campaign.account_id).await? {
+            if account.default_campaign_id == Some(id) {
+                account.default_campaign_id = None;
+                self.create_or_replace_account(&account).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError> {
+        self.get(campaign_pk(id), true).await?.as_ref().map(doc_of).transpose()
+    }
+}
+
+impl DynamoStore {
+    async fn create_or_replace_account(&self, account: &Account) -> Result<(), StoreError> {
+        let mut item = key(account_pk(account.id));
+        item.insert("doc".into(), to_doc(account)?);
+        self.put(item, None).await
+    }
+}

@@ -1,0 +1,7 @@
+//! Adapters behind the ports: the embedded store (SQLite: prospects, accounts, keys, campaigns
+//! and the job queue in one file) and the AWS backend (DynamoDB single table, SQS queue).
+
+pub mod dynamodb;
+mod record;
+pub mod sqlite;
+pub mod sqs;

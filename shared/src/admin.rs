@@ -1,0 +1,104 @@
+//! Administration: accounts, keys and campaigns, as the `cadenhq` commands manage them on
+//! either backend.
+
+use crate::domain::{Account, AccountId, ApiKey, ApiKeyRecord, Campaign, CampaignDefinition, Clock};
+use crate::ports::{AdminStore, StoreError};
+
+/// Why an admin command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no account {0}")]
+    UnknownAccount(AccountId),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Creates an account.
+///
+/// # Errors
+/// [`AdminError::Invalid`] for a blank or over-long name; storage errors.
+pub async fn create_account(store: &dyn AdminStore, name: &str, clock: &dyn Clock) -> Result<Account, AdminError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 255 {
+        return Err(AdminError::Invalid("account name must be 1 to 255 characters".into()));
+    }
+    let account = Account { id: AccountId::new(), name: name.to_owned(), default_campaign_id: None, created_at: clock.now() };
+    store.create_account(&account).await?;
+    Ok(account)
+}
+
+async fn existing_account(store: &dyn AdminStore, id: AccountId) -> Result<Account, AdminError> {
+    store.get_account(id).await?.ok_or(AdminError::UnknownAccount(id))
+}
+
+/// Creates a key for an account. The returned [`ApiKey`] is the only copy of the secret.
+///
+/// # Errors
+/// [`AdminError::UnknownAccount`]; storage errors.
+pub async fn create_key(
+    store: &dyn AdminStore,
+    account: AccountId,
+    label: Option<String>,
+    clock: &dyn Clock,
+) -> Result<(ApiKeyRecord, ApiKey), AdminError> {
+    existing_account(store, account).await?;
+    if label.as_ref().is_some_and(|l| l.chars().count() > 255) {
+        return Err(AdminError::Invalid("label must be at most 255 characters".into()));
+    }
+    let key = ApiKey::generate();
+    let record = ApiKeyRecord::new(&key, account, label, clock.now());
+    store.create_key(&record).await?;
+    Ok((record, key))
+}
+
+/// Creates a campaign from a definition, optionally as the account's default.
+///
+/// # Errors
+/// [`AdminError::UnknownAccount`]; storage errors.
+pub async fn create_campaign(
+    store: &dyn AdminStore,
+    account: AccountId,
+    definition: CampaignDefinition,
+    make_default: bool,
+    clock: &dyn Clock,
+) -> Result<Campaign, AdminError> {
+    existing_account(store, account).await?;
+    let campaign = Campaign::new(account, definition, clock.now());
+    store.create_campaign(&campaign, make_default).await?;
+    Ok(campaign)
+}
+
+/// The campaign a fresh install starts with.
+pub const DEMO_CAMPAIGN: &str = r#"{
+  "name": "Welcome series",
+  "steps": [
+    {"delay_seconds": 0, "subject": "Welcome, {{first_name}}!", "body": "Hi {{first_name}}, thanks for your interest."},
+    {"delay_seconds": 172800, "subject": "Getting started", "body": "Here is how teams get value in their first week."},
+    {"delay_seconds": 432000, "subject": "Still curious?", "body": "Reply to this email and we will set up a call."}
+  ]
+}"#;
+
+/// What a first start created.
+#[derive(Debug)]
+pub struct Demo {
+    pub account: Account,
+    pub campaign: Campaign,
+    pub key: ApiKey,
+}
+
+/// On an empty store, creates a demo account with a default campaign and a key.
+///
+/// # Errors
+/// Storage errors.
+pub async fn bootstrap_demo(store: &dyn AdminStore, clock: &dyn Clock) -> Result<Option<Demo>, AdminError> {
+    if !store.is_empty().await? {
+        return Ok(None);
+    }
+    let account = create_account(store, "Demo account", clock).await?;
+    let definition = CampaignDefinition::parse(DEMO_CAMPAIGN).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    let campaign = create_campaign(store, account.id, definition, true, clock).await?;
+    let (_, key) = create_key(store, account.id, Some("demo".into()), clock).await?;
+    Ok(Some(Demo { account: Account { default_campaign_id: Some(campaign.id), ..account }, campaign, key }))
+}

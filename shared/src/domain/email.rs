@@ -1,0 +1,119 @@
+//! `NormalizedEmail`: the only way to turn client input into the upsert key.
+
+use sha2::{Digest, Sha256};
+
+/// The longest address accepted (RFC 5321's path limit less the angle brackets).
+pub const EMAIL_MAX_CHARS: usize = 254;
+
+/// Why a string is not an acceptable email address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EmailError {
+    #[error("email is required")]
+    Blank,
+    #[error("email must be at most {EMAIL_MAX_CHARS} characters")]
+    TooLong,
+    #[error("email is not a valid email address")]
+    Invalid,
+}
+
+/// An email address as sent (trimmed) together with its normalized form
+/// (trimmed and lowercased), which is what prospects are upserted by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormalizedEmail {
+    normalized: String,
+    original: String,
+}
+
+impl NormalizedEmail {
+    /// Trims, checks and lowercases an address.
+    ///
+    /// # Errors
+    /// [`EmailError::Blank`] for an empty or all-whitespace string, [`EmailError::TooLong`] over
+    /// [`EMAIL_MAX_CHARS`], [`EmailError::Invalid`] when it is not `local@domain.tld` without
+    /// spaces or control characters.
+    pub fn parse(raw: &str) -> Result<Self, EmailError> {
+        let original = raw.trim();
+        if original.is_empty() {
+            return Err(EmailError::Blank);
+        }
+        if original.chars().count() > EMAIL_MAX_CHARS {
+            return Err(EmailError::TooLong);
+        }
+        let (local, domain) = original.rsplit_once('@').ok_or(EmailError::Invalid)?;
+        let domain_ok = domain.split('.').count() >= 2
+            && domain
+                .split('.')
+                .all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'))
+            && domain.chars().all(|c| c.is_alphanumeric() || c == '-' || c == '.');
+        let local_ok = !local.is_empty()
+            && local.len() <= 64
+            && !local.contains('@')
+            && local.chars().all(|c| !c.is_whitespace() && !c.is_control() && c != '<' && c != '>');
+        if !(domain_ok && local_ok) {
+            return Err(EmailError::Invalid);
+        }
+        Ok(Self { normalized: original.to_lowercase(), original: original.to_owned() })
+    }
+
+    /// The normalized address: the upsert key.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.normalized
+    }
+
+    /// The address as the client sent it, trimmed.
+    #[must_use]
+    pub fn original(&self) -> &str {
+        &self.original
+    }
+
+    /// Hex SHA-256 of the normalized address: used in storage keys and log lines, so that
+    /// neither ever carries the raw address.
+    #[must_use]
+    pub fn key_hash(&self) -> String {
+        hex::encode(Sha256::digest(self.normalized.as_bytes()))
+    }
+
+    /// Rebuilds a stored address without re-validating the rules of today.
+    #[must_use]
+    pub fn from_stored(original: String) -> Self {
+        Self { normalized: original.trim().to_lowercase(), original }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uppercase_email_is_normalized_and_original_is_kept() {
+        let e = NormalizedEmail::parse("  Jane.Doe@Example.COM ").unwrap();
+        assert_eq!(e.as_str(), "jane.doe@example.com");
+        assert_eq!(e.original(), "Jane.Doe@Example.COM");
+    }
+
+    #[test]
+    fn same_address_in_other_case_has_same_key() {
+        let a = NormalizedEmail::parse("A@B.io").unwrap();
+        let b = NormalizedEmail::parse("a@b.IO").unwrap();
+        assert_eq!(a.key_hash(), b.key_hash());
+    }
+
+    #[test]
+    fn blank_email_is_missing() {
+        assert_eq!(NormalizedEmail::parse("   "), Err(EmailError::Blank));
+    }
+
+    #[test]
+    fn malformed_addresses_are_invalid() {
+        for bad in ["plain", "a@b", "@b.com", "a@.com", "a b@c.com", "a@b..com", "a@-b.com"] {
+            assert_eq!(NormalizedEmail::parse(bad), Err(EmailError::Invalid), "{bad}");
+        }
+    }
+
+    #[test]
+    fn address_over_254_characters_is_too_long() {
+        let long = format!("{}@example.com", "a".repeat(250));
+        assert_eq!(NormalizedEmail::parse(&long), Err(EmailError::TooLong));
+    }
+}

@@ -1,0 +1,45 @@
+//! The domain: what a prospect, a campaign, an account and an API key are, and the rules
+//! that hold for them whatever stores them. Nothing here knows of HTTP, AWS or SQLite.
+
+mod campaign;
+mod email;
+mod ids;
+mod job;
+mod key;
+mod prospect;
+
+pub use campaign::{Campaign, CampaignDefinition, CampaignError, Step};
+pub use email::{EmailError, NormalizedEmail};
+pub use ids::{AccountId, CampaignId, EnrollmentId, IdError, KeyId, ProspectId};
+pub use job::CampaignJob;
+pub use key::{ApiKey, ApiKeyRecord, KeyHash};
+pub use prospect::{
+    Enrollment, ExternalId, FieldChange, FieldError, Prospect, ProspectChanges, ProspectStatus,
+    StatusError, TEXT_FIELDS, METADATA_MAX_BYTES, TEXT_FIELD_MAX_CHARS,
+};
+
+/// An account: the tenant every key, campaign and prospect belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Account {
+    pub id: AccountId,
+    pub name: String,
+    /// The campaign new prospects are enrolled in when a POST names none.
+    pub default_campaign_id: Option<CampaignId>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: time::OffsetDateTime,
+}
+
+/// The source of "now", injected so that tests can move time.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> time::OffsetDateTime;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> time::OffsetDateTime {
+        time::OffsetDateTime::now_utc()
+    }
+}

@@ -1,0 +1,367 @@
+//! The prospect: one lead of one account, upserted by normalized email, with its status and
+//! its campaign enrollments.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use super::{AccountId, CampaignId, EnrollmentId, NormalizedEmail, ProspectId};
+
+/// The optional free-text fields a client may set, besides `external_id`.
+pub const TEXT_FIELDS: [&str; 15] = [
+    "display_name", "first_name", "last_name", "phone", "address", "city", "state", "zip",
+    "country", "source", "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content",
+];
+/// Longest value of a text field or `external_id`, in characters.
+pub const TEXT_FIELD_MAX_CHARS: usize = 255;
+/// Largest stored `metadata` object, serialized as compact JSON, in bytes.
+pub const METADATA_MAX_BYTES: usize = 16 * 1024;
+
+/// A field value a client sent that cannot be stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("{0} must be a string or null")]
+    NotAString(String),
+    #[error("{0} must be at most {TEXT_FIELD_MAX_CHARS} characters")]
+    TooLong(String),
+    #[error("external_id must not be empty")]
+    EmptyExternalId,
+    #[error("metadata must be an object")]
+    MetadataNotObject,
+    #[error("metadata must be at most {METADATA_MAX_BYTES} bytes once merged")]
+    MetadataTooLarge,
+}
+
+/// A status value that is not one of the four.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("status must be one of: new, converted, unsubscribed, bounced")]
+pub struct StatusError;
+
+/// Where a prospect stands. Every status but `new` ends its campaigns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProspectStatus {
+    New,
+    Converted,
+    Unsubscribed,
+    Bounced,
+}
+
+impl ProspectStatus {
+    /// # Errors
+    /// [`StatusError`] for anything but the four lowercase names.
+    pub fn parse(raw: &str) -> Result<Self, StatusError> {
+        match raw {
+            "new" => Ok(Self::New),
+            "converted" => Ok(Self::Converted),
+            "unsubscribed" => Ok(Self::Unsubscribed),
+            "bounced" => Ok(Self::Bounced),
+            _ => Err(StatusError),
+        }
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Converted => "converted",
+            Self::Unsubscribed => "unsubscribed",
+            Self::Bounced => "bounced",
+        }
+    }
+
+    /// Whether moving to this status ends every enrollment.
+    #[must_use]
+    pub fn ends_campaigns(self) -> bool {
+        self != Self::New
+    }
+}
+
+/// The client's own identifier for a prospect: 1 to 255 characters, unique per account.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct ExternalId(String);
+
+impl ExternalId {
+    /// # Errors
+    /// [`FieldError`] when empty or over [`TEXT_FIELD_MAX_CHARS`] characters.
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        if raw.is_empty() {
+            return Err(FieldError::EmptyExternalId);
+        }
+        if raw.chars().count() > TEXT_FIELD_MAX_CHARS {
+            return Err(FieldError::TooLong("external_id".into()));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a request says about one optional field.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FieldChange<T> {
+    /// Absent from the request: keep what is stored.
+    #[default]
+    Unchanged,
+    /// `null`: clear it.
+    Clear,
+    /// A value: replace.
+    Set(T),
+}
+
+/// The attribute changes of one POST, already checked.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProspectChanges {
+    /// Text fields present in the request, by name (one of [`TEXT_FIELDS`]).
+    pub fields: BTreeMap<&'static str, FieldChange<String>>,
+    pub external_id: FieldChange<ExternalId>,
+    /// An RFC 7396 merge patch for the stored metadata.
+    pub metadata: Option<Map<String, Value>>,
+}
+
+impl ProspectChanges {
+    /// Checks one text field's value.
+    ///
+    /// # Errors
+    /// [`FieldError::TooLong`] over [`TEXT_FIELD_MAX_CHARS`] characters.
+    pub fn text(name: &str, value: &str) -> Result<String, FieldError> {
+        if value.chars().count() > TEXT_FIELD_MAX_CHARS {
+            return Err(FieldError::TooLong(name.to_owned()));
+        }
+        Ok(value.to_owned())
+    }
+}
+
+/// One enrollment of a prospect in a campaign. It is active while the prospect's status is
+/// `new`, it has not completed, and no status change has ended it (see [`Prospect::is_active`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Enrollment {
+    pub id: EnrollmentId,
+    /// 1-based position among the prospect's enrollments.
+    pub seq: u32,
+    pub campaign_id: CampaignId,
+    #[serde(with = "time::serde::rfc3339")]
+    pub enrolled_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub completed_at: Option<OffsetDateTime>,
+}
+
+/// A stored prospect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prospect {
+    pub id: ProspectId,
+    pub account_id: AccountId,
+    pub email: NormalizedEmail,
+    pub fields: BTreeMap<String, String>,
+    pub external_id: Option<ExternalId>,
+    pub metadata: Map<String, Value>,
+    pub status: ProspectStatus,
+    pub enrollments: Vec<Enrollment>,
+    /// Every enrollment with `seq <= ended_through` was ended by a status change. Kept as one
+    /// number so that a status change ends every enrollment in one atomic write.
+    pub ended_through: u32,
+    /// Optimistic-concurrency version, incremented by every write.
+    pub version: u64,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+impl Prospect {
+    /// A new prospect with status `new` and no enrollment.
+    #[must_use]
+    pub fn new(account_id: AccountId, email: NormalizedEmail, now: OffsetDateTime) -> Self {
+        Self {
+            id: ProspectId::new(),
+            account_id,
+            email,
+            fields: BTreeMap::new(),
+            external_id: None,
+            metadata: Map::new(),
+            status: ProspectStatus::New,
+            enrollments: Vec::new(),
+            ended_through: 0,
+            version: 0,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Applies a POST's changes and the address as sent this time. Returns whether anything
+    /// changed, so an identical POST costs no write.
+    ///
+    /// # Errors
+    /// [`FieldError::MetadataTooLarge`] when the merged metadata is over [`METADATA_MAX_BYTES`];
+    /// the prospect is then left as it was.
+    pub fn apply(&mut self, email: &NormalizedEmail, changes: &ProspectChanges) -> Result<bool, FieldError> {
+        let metadata = match &changes.metadata {
+            Some(patch) => {
+                let mut merged = Value::Object(self.metadata.clone());
+                json_patch::merge(&mut merged, &Value::Object(patch.clone()));
+                let Value::Object(merged) = merged else { return Err(FieldError::MetadataNotObject) };
+                if serde_json::to_vec(&merged).map_or(usize::MAX, |v| v.len()) > METADATA_MAX_BYTES {
+                    return Err(FieldError::MetadataTooLarge);
+                }
+                Some(merged)
+            }
+            None => None,
+        };
+        let before = (self.email.original().to_owned(), self.fields.clone(), self.external_id.clone(), self.metadata.clone());
+        self.email = email.clone();
+        for (name, change) in &changes.fields {
+            match change {
+                FieldChange::Unchanged => {}
+                FieldChange::Clear => {
+                    self.fields.remove(*name);
+                }
+                FieldChange::Set(v) => {
+                    self.fields.insert((*name).to_owned(), v.clone());
+                }
+            }
+        }
+        match &changes.external_id {
+            FieldChange::Unchanged => {}
+            FieldChange::Clear => self.external_id = None,
+            FieldChange::Set(v) => self.external_id = Some(v.clone()),
+        }
+        if let Some(merged) = metadata {
+            self.metadata = merged;
+        }
+        let after = (self.email.original(), &self.fields, &self.external_id, &self.metadata);
+        Ok(before.0 != after.0 || &before.1 != after.1 || &before.2 != after.2 || &before.3 != after.3)
+    }
+
+    /// Enrolls the prospect in `campaign_id` unless its status is not `new` or it was ever
+    /// enrolled in that campaign before. Returns the new enrollment.
+    pub fn enroll(&mut self, campaign_id: CampaignId, now: OffsetDateTime) -> Option<Enrollment> {
+        if self.status != ProspectStatus::New || self.enrollments.iter().any(|e| e.campaign_id == campaign_id) {
+            return None;
+        }
+        let enrollment = Enrollment {
+            id: EnrollmentId::new(),
+            seq: u32::try_from(self.enrollments.len()).map_or(u32::MAX, |n| n.saturating_add(1)),
+            campaign_id,
+            enrolled_at: now,
+            completed_at: None,
+        };
+        self.enrollments.push(enrollment.clone());
+        Some(enrollment)
+    }
+
+    /// Whether an enrollment may still send email.
+    #[must_use]
+    pub fn is_active(&self, enrollment: &Enrollment) -> bool {
+        self.status == ProspectStatus::New && enrollment.completed_at.is_none() && enrollment.seq > self.ended_through
+    }
+
+    /// Sets the status; a status other than `new` ends every enrollment. Setting `new` again
+    /// revives none.
+    pub fn set_status(&mut self, status: ProspectStatus, now: OffsetDateTime) {
+        self.status = status;
+        if status.ends_campaigns() {
+            self.ended_through = self.enrollment_count();
+        }
+        self.updated_at = now;
+    }
+
+    /// How many enrollments the prospect has ever had.
+    #[must_use]
+    pub fn enrollment_count(&self) -> u32 {
+        u32::try_from(self.enrollments.len()).unwrap_or(u32::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn prospect() -> Prospect {
+        Prospect::new(AccountId::new(), NormalizedEmail::parse("a@b.io").unwrap(), OffsetDateTime::UNIX_EPOCH)
+    }
+
+    fn metadata_patch(v: Value) -> ProspectChanges {
+        ProspectChanges { metadata: v.as_object().cloned(), ..ProspectChanges::default() }
+    }
+
+    #[test]
+    fn metadata_is_merged_as_a_json_merge_patch() {
+        let mut p = prospect();
+        let email = p.email.clone();
+        p.apply(&email, &metadata_patch(json!({"plan": "pro", "ui": {"theme": "dark", "lang": "en"}}))).unwrap();
+        p.apply(&email, &metadata_patch(json!({"plan": null, "ui": {"lang": "fr"}}))).unwrap();
+        assert_eq!(Value::Object(p.metadata), json!({"ui": {"theme": "dark", "lang": "fr"}}));
+    }
+
+    #[test]
+    fn oversized_metadata_is_refused_and_leaves_the_prospect_unchanged() {
+        let mut p = prospect();
+        let email = p.email.clone();
+        let big = "x".repeat(METADATA_MAX_BYTES);
+        assert_eq!(p.apply(&email, &metadata_patch(json!({ "big": big }))), Err(FieldError::MetadataTooLarge));
+        assert!(p.metadata.is_empty());
+    }
+
+    #[test]
+    fn absent_fields_are_kept_null_fields_are_cleared() {
+        let mut p = prospect();
+        let email = p.email.clone();
+        let mut set = ProspectChanges::default();
+        set.fields.insert("city", FieldChange::Set("Oslo".into()));
+        set.fields.insert("zip", FieldChange::Set("0150".into()));
+        p.apply(&email, &set).unwrap();
+        let mut clear = ProspectChanges::default();
+        clear.fields.insert("zip", FieldChange::Clear);
+        assert!(p.apply(&email, &clear).unwrap());
+        assert_eq!(p.fields.get("city").map(String::as_str), Some("Oslo"));
+        assert!(!p.fields.contains_key("zip"));
+    }
+
+    #[test]
+    fn identical_changes_report_no_change() {
+        let mut p = prospect();
+        let email = p.email.clone();
+        let mut set = ProspectChanges::default();
+        set.fields.insert("city", FieldChange::Set("Oslo".into()));
+        assert!(p.apply(&email, &set).unwrap());
+        assert!(!p.apply(&email, &set).unwrap());
+    }
+
+    #[test]
+    fn a_status_change_ends_every_enrollment_and_new_does_not_revive_them() {
+        let mut p = prospect();
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let first = p.enroll(CampaignId::new(), now).unwrap();
+        p.set_status(ProspectStatus::Converted, now);
+        assert!(!p.is_active(&first));
+        p.set_status(ProspectStatus::New, now);
+        assert!(!p.is_active(&first));
+        let second = p.enroll(CampaignId::new(), now).unwrap();
+        assert!(p.is_active(&second));
+    }
+
+    #[test]
+    fn a_prospect_is_enrolled_in_a_campaign_at_most_once() {
+        let mut p = prospect();
+        let campaign = CampaignId::new();
+        assert!(p.enroll(campaign, OffsetDateTime::UNIX_EPOCH).is_some());
+        assert!(p.enroll(campaign, OffsetDateTime::UNIX_EPOCH).is_none());
+    }
+
+    #[test]
+    fn a_converted_prospect_is_never_enrolled() {
+        let mut p = prospect();
+        p.set_status(ProspectStatus::Bounced, OffsetDateTime::UNIX_EPOCH);
+        assert!(p.enroll(CampaignId::new(), OffsetDateTime::UNIX_EPOCH).is_none());
+    }
+
+    #[test]
+    fn status_names_parse_and_others_do_not() {
+        assert_eq!(ProspectStatus::parse("converted"), Ok(ProspectStatus::Converted));
+        assert_eq!(ProspectStatus::parse("Converted"), Err(StatusError));
+    }
+}

@@ -1,0 +1,104 @@
+//! `ApiError`: every failure a client can see, its status and its JSON body, in one place.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::service::ServiceError;
+
+/// The body of every 401.
+pub const UNAUTHORIZED_MESSAGE: &str = "Missing or invalid X-CadenHQ-Key";
+/// Seconds a client is told to wait after a 503.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// A failure as the client sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("unauthorized")]
+    Unauthorized,
+    #[error("prospect not found")]
+    ProspectNotFound,
+    #[error("route not found")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("payload too large")]
+    PayloadTooLarge,
+    #[error("validation failed")]
+    Unprocessable(Vec<String>),
+    #[error("service unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::ProspectNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Unauthorized => Self::Unauthorized,
+            ServiceError::NotFound => Self::ProspectNotFound,
+            ServiceError::Invalid(errors) => Self::Unprocessable(errors),
+            ServiceError::Unavailable(source) => Self::Unavailable(Box::new(source)),
+            ServiceError::Internal(source) => Self::Internal(Box::new(source)),
+        }
+    }
+}
+
+/// The error and all its causes on one line, for the log.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = match &self {
+            Self::BadRequest(msg) => json!({ "error": msg }),
+            Self::Unauthorized => json!({ "error": UNAUTHORIZED_MESSAGE }),
+            Self::ProspectNotFound => json!({ "error": "Prospect not found" }),
+            Self::RouteNotFound => json!({ "error": "Not found" }),
+            Self::MethodNotAllowed => json!({ "error": "Method not allowed" }),
+            Self::PayloadTooLarge => json!({ "error": "Request body is too large (limit 65536 bytes)" }),
+            Self::Unprocessable(errors) => json!({ "errors": errors }),
+            Self::Unavailable(_) => {
+                tracing::warn!(error = %error_chain(&self), "request failed: backend unavailable");
+                json!({ "error": "Service temporarily unavailable, retry later" })
+            }
+            Self::Internal(_) => {
+                tracing::error!(error = %error_chain(&self), "request failed: internal error");
+                json!({ "error": "Internal server error" })
+            }
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}

@@ -1,0 +1,176 @@
+//! Ports: what the service needs from storage and from the job queue. The embedded (SQLite)
+//! and AWS (DynamoDB, SQS) adapters implement every one of them, and one contract suite holds
+//! both to the same behaviour.
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::domain::{
+    Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, ExternalId, KeyHash, KeyId,
+    NormalizedEmail, Prospect, ProspectId, ProspectStatus,
+};
+
+/// A failure of a storage or queue adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A conditional write lost: the thing named already exists or changed meanwhile.
+    #[error("conflict: {0:?}")]
+    Conflict(Conflict),
+    /// The backend is throttling or unreachable for now; the caller may retry.
+    #[error("backend temporarily unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Anything else: a bug or broken infrastructure.
+    #[error("backend failure")]
+    Other(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    pub fn other(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Other(e.into())
+    }
+}
+
+/// Which condition a conflicting write ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflict {
+    /// Another prospect of the account has this email (a concurrent insert won).
+    Email,
+    /// Another prospect of the account has this external_id.
+    ExternalId,
+    /// The prospect changed since it was read.
+    Version,
+}
+
+/// How a request names an existing prospect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProspectRef {
+    Id(ProspectId),
+    ExternalId(ExternalId),
+    Email(NormalizedEmail),
+}
+
+/// Everything an upsert needs to decide, read in one round trip.
+#[derive(Debug, Clone, Default)]
+pub struct UpsertContext {
+    /// The prospect with this email in this account, if any (strongly consistent).
+    pub prospect: Option<Prospect>,
+    /// The account's default campaign id, if it has one.
+    pub default_campaign_id: Option<CampaignId>,
+    /// The campaign the request named, if it exists (of any account: the service checks).
+    pub requested_campaign: Option<Campaign>,
+}
+
+/// Prospect storage.
+#[async_trait]
+pub trait ProspectRepository: Send + Sync {
+    /// Reads the prospect keyed by (`account`, `email`) together with the account's default
+    /// campaign id and the requested campaign.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn upsert_context(
+        &self,
+        account: AccountId,
+        email: &NormalizedEmail,
+        campaign: Option<CampaignId>,
+    ) -> Result<UpsertContext, StoreError>;
+
+    /// Stores a new prospect (version 0 becomes 1).
+    ///
+    /// # Errors
+    /// [`Conflict::Email`] when the account already has a prospect with this email,
+    /// [`Conflict::ExternalId`] when its external_id is taken; nothing is written then.
+    async fn insert(&self, prospect: &Prospect) -> Result<(), StoreError>;
+
+    /// Replaces `previous` by `updated` (same id) if nobody wrote it since it was read.
+    ///
+    /// # Errors
+    /// [`Conflict::Version`] when it changed meanwhile, [`Conflict::ExternalId`] when the new
+    /// external_id is taken; nothing is written then.
+    async fn update(&self, previous: &Prospect, updated: &Prospect) -> Result<(), StoreError>;
+
+    /// Sets the status in one atomic write; a status other than `new` ends every enrollment
+    /// in that same write. Returns the prospect as written, or `None` if the account has no
+    /// such prospect. Strongly consistent with every acknowledged write.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn set_status(
+        &self,
+        account: AccountId,
+        prospect: &ProspectRef,
+        status: ProspectStatus,
+        now: OffsetDateTime,
+    ) -> Result<Option<Prospect>, StoreError>;
+
+    /// Reads one prospect of the account.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError>;
+}
+
+/// The campaign job queue.
+#[async_trait]
+pub trait JobQueue: Send + Sync {
+    /// Publishes a job; it becomes visible to the scheduler no later than its due time
+    /// (or the queue's longest delay).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`] when it was not accepted.
+    async fn publish(&self, job: &CampaignJob) -> Result<(), StoreError>;
+}
+
+/// Looking up keys for authentication.
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    /// The key stored under this hash, revoked or not.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn find_key(&self, hash: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError>;
+}
+
+/// Accounts, keys and campaigns: what the `cadenhq` admin commands manage.
+#[async_trait]
+pub trait AdminStore: Send + Sync {
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn create_account(&self, account: &Account) -> Result<(), StoreError>;
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn get_account(&self, id: AccountId) -> Result<Option<Account>, StoreError>;
+    /// Whether the store holds no account at all (a fresh install).
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn is_empty(&self) -> Result<bool, StoreError>;
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn create_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
+    /// Marks a key revoked; `false` if there is no such key.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn revoke_key(&self, id: KeyId, now: OffsetDateTime) -> Result<bool, StoreError>;
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn list_keys(&self, account: AccountId) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Stores a campaign, and makes it the account's default if `make_default`.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn create_campaign(&self, campaign: &Campaign, make_default: bool) -> Result<(), StoreError>;
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn list_campaigns(&self, account: AccountId) -> Result<Vec<Campaign>, StoreError>;
+    /// Deactivates a campaign (no new enrollments; it stops being the default). `false` if
+    /// there is no such campaign.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn deactivate_campaign(&self, id: CampaignId) -> Result<bool, StoreError>;
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError>;
+}
