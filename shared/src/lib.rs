@@ -3,6 +3,7 @@
 //! Lambda functions and the `cadenhq` binary) is thin wiring over this crate.
 
 pub mod adapters;
+pub mod backend;
 pub mod admin;
 pub mod config;
 pub mod domain;

@@ -1,0 +1,220 @@
+//! What each command does, over whichever backend was chosen.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use shared::admin::{self, AdminError};
+use shared::backend::Backend;
+use shared::config::{aws_sdk_config, ConfigError, TableConfig, QUEUE_URL};
+use shared::domain::{ApiKeyRecord, Campaign, CampaignDefinition, ExternalId, NormalizedEmail, Prospect, SystemClock};
+use shared::http::{router, Routes, KEY_HEADER, PROSPECTS_PATH};
+use shared::ports::{ProspectRef, StoreError};
+
+use crate::args::{AccountsCommand, BackendKind, CampaignsCommand, Cli, Command, KeysCommand, ProspectsCommand};
+
+/// Why a command failed; printed as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Admin(#[from] AdminError),
+    #[error("{}", chain(.0))]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+async fn open_backend(cli: &Cli) -> Result<Backend, AppError> {
+    match cli.backend {
+        BackendKind::Embedded => Ok(Backend::embedded(&cli.data_dir)?),
+        BackendKind::Aws => {
+            let table = TableConfig::from_env()?;
+            let queue = std::env::var(QUEUE_URL).ok().filter(|q| !q.is_empty());
+            Ok(Backend::aws(&aws_sdk_config().await, &table.table_name, queue.as_deref()))
+        }
+    }
+}
+
+/// Prints `value` as JSON, or `text` for people.
+fn emit(json_output: bool, value: &Value, text: &str) {
+    if json_output {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// Runs one command.
+///
+/// # Errors
+/// [`AppError`] describing what went wrong, for a one-line message.
+pub async fn run(cli: Cli) -> Result<(), AppError> {
+    let backend = open_backend(&cli).await?;
+    let clock = SystemClock;
+    let store = backend.admin.as_ref();
+    let j = cli.json;
+    match cli.command {
+        Command::Serve { addr } => serve(backend, cli.backend, addr).await?,
+        Command::Accounts(AccountsCommand::Create { name }) => {
+            let account = admin::create_account(store, &name, &clock).await?;
+            emit(j, &json!({ "account_id": account.id, "name": account.name }), &format!("Created account {} ({})", account.id, account.name));
+        }
+        Command::Keys(KeysCommand::Create { account, label }) => {
+            let (record, key) = admin::create_key(store, account, label, &clock).await?;
+            emit(
+                j,
+                &json!({ "key_id": record.key_id, "account_id": record.account_id, "key": key.expose(), "label": record.label }),
+                &format!("Created key {} for account {}\n\n    {}\n\nStore it now: it is shown only once.", record.key_id, account, key.expose()),
+            );
+        }
+        Command::Keys(KeysCommand::Revoke { key_id }) => {
+            if !store.revoke_key(key_id, time::OffsetDateTime::now_utc()).await? {
+                return Err(AppError::Usage(format!("no key {key_id}")));
+            }
+            emit(j, &json!({ "key_id": key_id, "revoked": true }), &format!("Revoked key {key_id}"));
+        }
+        Command::Keys(KeysCommand::List { account }) => {
+            let keys = store.list_keys(account).await?;
+            let text = keys.iter().map(key_line).collect::<Vec<_>>().join("\n");
+            emit(j, &json!({ "account_id": account, "keys": keys.iter().map(key_json).collect::<Vec<_>>() }), if keys.is_empty() { "No keys." } else { &text });
+        }
+        Command::Campaigns(CampaignsCommand::Create { account, file, default }) => {
+            let text = std::fs::read_to_string(&file).map_err(|e| AppError::Usage(format!("cannot read {}: {e}", file.display())))?;
+            let definition = CampaignDefinition::parse(&text).map_err(|e| AppError::Usage(e.to_string()))?;
+            let campaign = admin::create_campaign(store, account, definition, default, &clock).await?;
+            emit(j, &campaign_json(&campaign, default), &format!("Created campaign {} ({}, {} steps){}", campaign.id, campaign.name, campaign.steps.len(), if default { ", the account's default" } else { "" }));
+        }
+        Command::Campaigns(CampaignsCommand::List { account }) => {
+            let default = store.get_account(account).await?.and_then(|a| a.default_campaign_id);
+            let campaigns = store.list_campaigns(account).await?;
+            let text = campaigns
+                .iter()
+                .map(|c| format!("{}  {}  {} steps  {}{}", c.id, if c.active { "active  " } else { "inactive" }, c.steps.len(), c.name, if Some(c.id) == default { "  (default)" } else { "" }))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let list: Vec<Value> = campaigns.iter().map(|c| campaign_json(c, Some(c.id) == default)).collect();
+            emit(j, &json!({ "account_id": account, "campaigns": list }), if campaigns.is_empty() { "No campaigns." } else { &text });
+        }
+        Command::Campaigns(CampaignsCommand::Deactivate { id }) => {
+            if !store.deactivate_campaign(id).await? {
+                return Err(AppError::Usage(format!("no campaign {id}")));
+            }
+            emit(j, &json!({ "campaign_id": id, "active": false }), &format!("Deactivated campaign {id}"));
+        }
+        Command::Prospects(ProspectsCommand::Show { account, by }) => {
+            let reference = if let Some(id) = by.id {
+                ProspectRef::Id(id)
+            } else if let Some(email) = by.email {
+                ProspectRef::Email(NormalizedEmail::parse(&email).map_err(|e| AppError::Usage(e.to_string()))?)
+            } else {
+                let raw = by.external_id.unwrap_or_default();
+                ProspectRef::ExternalId(ExternalId::parse(&raw).map_err(|e| AppError::Usage(e.to_string()))?)
+            };
+            let prospect = backend.repo.find(account, &reference).await?.ok_or_else(|| AppError::Usage("prospect not found".into()))?;
+            let value = prospect_json(&prospect);
+            let text = serde_json::to_string_pretty(&value).unwrap_or_default();
+            emit(j, &value, &text);
+        }
+    }
+    Ok(())
+}
+
+fn key_json(k: &ApiKeyRecord) -> Value {
+    json!({
+        "key_id": k.key_id, "account_id": k.account_id, "label": k.label, "prefix": k.prefix,
+        "created_at": rfc3339(k.created_at), "revoked_at": k.revoked_at.map(rfc3339), "active": k.is_active(),
+    })
+}
+
+fn key_line(k: &ApiKeyRecord) -> String {
+    format!(
+        "{}  {}…  {}  created {}{}",
+        k.key_id,
+        k.prefix,
+        k.label.as_deref().unwrap_or("-"),
+        rfc3339(k.created_at),
+        k.revoked_at.map(|t| format!("  revoked {}", rfc3339(t))).unwrap_or_default()
+    )
+}
+
+fn campaign_json(c: &Campaign, is_default: bool) -> Value {
+    json!({
+        "campaign_id": c.id, "account_id": c.account_id, "name": c.name, "active": c.active,
+        "default": is_default, "steps": c.steps, "created_at": rfc3339(c.created_at),
+    })
+}
+
+fn prospect_json(p: &Prospect) -> Value {
+    let enrollments: Vec<Value> = p
+        .enrollments
+        .iter()
+        .map(|e| json!({
+            "enrollment_id": e.id, "campaign_id": e.campaign_id, "enrolled_at": rfc3339(e.enrolled_at),
+            "completed_at": e.completed_at.map(rfc3339), "active": p.is_active(e),
+        }))
+        .collect();
+    json!({
+        "prospect_id": p.id, "account_id": p.account_id, "email": p.email.original(),
+        "email_normalized": p.email.as_str(), "status": p.status.as_str(),
+        "external_id": p.external_id.as_ref().map(ExternalId::as_str), "fields": p.fields,
+        "metadata": p.metadata, "enrollments": enrollments,
+        "created_at": rfc3339(p.created_at), "updated_at": rfc3339(p.updated_at),
+    })
+}
+
+async fn serve(backend: Backend, kind: BackendKind, addr: std::net::SocketAddr) -> Result<(), AppError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| AppError::Usage(format!("cannot listen on {addr}: {e}")))?;
+    let local = listener.local_addr().map_err(|e| AppError::Usage(e.to_string()))?;
+    if kind == BackendKind::Embedded {
+        if let Some(demo) = admin::bootstrap_demo(backend.admin.as_ref(), &SystemClock).await? {
+            println!("First start: created a demo account ({}), its default campaign and an API key:", demo.account.id);
+            println!("\n    {}\n\nIt is shown only once. Try it:\n", demo.key.expose());
+            println!(
+                "curl -i -X POST http://{local}{PROSPECTS_PATH} -H 'Content-Type: application/json' -H '{KEY_HEADER}: {}' -d '{{\"email\":\"jane@example.com\",\"first_name\":\"Jane\"}}'\n",
+                demo.key.expose()
+            );
+        }
+    }
+    let app = router(backend.service(Arc::new(SystemClock)), Routes::All);
+    println!("CadenHQ Prospects API listening on http://{local}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| AppError::Usage(format!("server failed: {e}")))?;
+    println!("Shut down cleanly.");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = terminate => {} }
+}

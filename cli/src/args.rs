@@ -1,0 +1,123 @@
+//! Command-line arguments.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use shared::config::{BACKEND, DATA_DIR};
+use shared::domain::{AccountId, CampaignId, KeyId, ProspectId};
+
+#[derive(Debug, Parser)]
+#[command(name = "cadenhq", version, about = "CadenHQ Prospects API: local server and admin commands")]
+pub struct Cli {
+    /// Directory of the embedded store.
+    #[arg(long, global = true, env = DATA_DIR, default_value = ".cadenhq")]
+    pub data_dir: PathBuf,
+    /// Backend: the embedded store, or DynamoDB/SQS configured from the environment.
+    #[arg(long, global = true, env = BACKEND, value_enum, default_value_t = BackendKind::Embedded)]
+    pub backend: BackendKind,
+    /// Print one JSON object instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    Embedded,
+    Aws,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the Prospects API over HTTP.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        addr: SocketAddr,
+    },
+    /// Manage accounts.
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Manage campaigns.
+    #[command(subcommand)]
+    Campaigns(CampaignsCommand),
+    /// Inspect prospects.
+    #[command(subcommand)]
+    Prospects(ProspectsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountsCommand {
+    /// Create an account.
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; the secret is printed once and never stored.
+    Create {
+        #[arg(long)]
+        account: AccountId,
+        /// Who or what the key is for (owner, environment).
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Revoke a key by its id.
+    Revoke { key_id: KeyId },
+    /// List an account's keys (never the secrets).
+    List {
+        #[arg(long)]
+        account: AccountId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CampaignsCommand {
+    /// Create a campaign from a JSON file.
+    Create {
+        #[arg(long)]
+        account: AccountId,
+        #[arg(long)]
+        file: PathBuf,
+        /// Make it the account's default conversion campaign.
+        #[arg(long)]
+        default: bool,
+    },
+    /// List an account's campaigns.
+    List {
+        #[arg(long)]
+        account: AccountId,
+    },
+    /// Deactivate a campaign: no new enrollments.
+    Deactivate { id: CampaignId },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProspectsCommand {
+    /// Show one stored prospect.
+    Show {
+        #[arg(long)]
+        account: AccountId,
+        #[command(flatten)]
+        by: ProspectSelector,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ProspectSelector {
+    #[arg(long)]
+    pub id: Option<ProspectId>,
+    #[arg(long)]
+    pub email: Option<String>,
+    #[arg(long)]
+    pub external_id: Option<String>,
+}

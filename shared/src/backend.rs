@@ -1,0 +1,57 @@
+//! A backend: every port bound to one set of adapters. `cadenhq` and the test suite pick one
+//! at run time; the Lambda functions wire only the ports they use.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::adapters::dynamodb::DynamoStore;
+use crate::adapters::sqlite::SqliteStore;
+use crate::adapters::sqs::SqsQueue;
+use crate::domain::Clock;
+use crate::ports::{AdminStore, JobQueue, KeyStore, ProspectRepository, StoreError};
+use crate::service::ProspectService;
+
+/// The ports of one backend.
+#[derive(Clone)]
+pub struct Backend {
+    pub repo: Arc<dyn ProspectRepository>,
+    pub keys: Arc<dyn KeyStore>,
+    pub admin: Arc<dyn AdminStore>,
+    pub queue: Option<Arc<dyn JobQueue>>,
+}
+
+impl Backend {
+    /// The embedded backend: one SQLite file in `data_dir`, job queue included.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store cannot be opened.
+    pub fn embedded(data_dir: &Path) -> Result<Self, StoreError> {
+        let store = SqliteStore::open(data_dir)?;
+        Ok(Self::from_embedded(&store))
+    }
+
+    /// The embedded backend over an already open store.
+    #[must_use]
+    pub fn from_embedded(store: &SqliteStore) -> Self {
+        Self {
+            repo: Arc::new(store.clone()),
+            keys: Arc::new(store.clone()),
+            admin: Arc::new(store.clone()),
+            queue: Some(Arc::new(store.clone())),
+        }
+    }
+
+    /// The AWS backend: DynamoDB `table` and, if given, the SQS queue at `queue_url`.
+    #[must_use]
+    pub fn aws(sdk: &aws_config::SdkConfig, table: &str, queue_url: Option<&str>) -> Self {
+        let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(sdk), table);
+        let queue = queue_url.map(|url| Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(sdk), url)) as Arc<dyn JobQueue>);
+        Self { repo: Arc::new(store.clone()), keys: Arc::new(store.clone()), admin: Arc::new(store), queue }
+    }
+
+    /// The prospects service over this backend.
+    #[must_use]
+    pub fn service(&self, clock: Arc<dyn Clock>) -> ProspectService {
+        ProspectService::new(Arc::clone(&self.repo), self.queue.clone(), Arc::clone(&self.keys), clock)
+    }
+}
