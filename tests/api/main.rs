@@ -1,1 +1,7 @@
-fn main(){}
+//! Black-box tests of the Prospects API: one binary, one helpers module. The contract suite
+//! runs every test against the embedded store and against DynamoDB/SQS in the emulator.
+
+mod cli;
+mod contract;
+mod events;
+mod helpers;
