@@ -133,6 +133,7 @@ fn invalid_input_gets_a_one_line_error_and_a_non_zero_exit() {
 
 /// Starts `cadenhq serve` on a free port; returns the child, its base URL and what it printed
 /// before it was ready.
+#[allow(clippy::zombie_processes)] // the caller waits for it in `interrupt_and_wait`
 fn start_server(data_dir: &Path) -> (Child, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cadenhq"))
         .arg("--data-dir")

@@ -58,13 +58,10 @@ impl JobQueue for FaultyQueue {
 pub struct AwsResources {
     pub sqs: aws_sdk_sqs::Client,
     pub queue_url: String,
-    pub table: String,
-    pub sdk: aws_config::SdkConfig,
 }
 
 /// A running app with one account and one key.
 pub struct TestApp {
-    pub kind: Kind,
     pub base: String,
     pub http: reqwest::Client,
     pub backend: Backend,
@@ -143,7 +140,7 @@ impl TestApp {
                 let sqs = aws_sdk_sqs::Client::new(&sdk);
                 let queue_url = sqs.create_queue().queue_name(unique("jobs")).send().await.expect("create queue").queue_url.unwrap();
                 let backend = Backend::aws(&sdk, &table, Some(&queue_url));
-                (backend, None, Some(AwsResources { sqs, queue_url, table, sdk }))
+                (backend, None, Some(AwsResources { sqs, queue_url }))
             }
         };
         let queue = Arc::new(FaultyQueue { inner: base_backend.queue.clone().expect("backend has a queue"), failures_left: AtomicUsize::new(0) });
@@ -166,7 +163,6 @@ impl TestApp {
         tokio::spawn(async move { axum::serve(listener, app).await });
 
         Self {
-            kind,
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
             backend,
@@ -192,10 +188,6 @@ impl TestApp {
     pub async fn create_campaign(&self, name: &str) -> Campaign {
         let def = CampaignDefinition::parse(&CAMPAIGN_FILE.replace("Conversion", name)).unwrap();
         admin::create_campaign(self.backend.admin.as_ref(), self.account, def, false, &SystemClock).await.unwrap()
-    }
-
-    pub fn aws(&self) -> Option<&AwsResources> {
-        self.aws.as_ref()
     }
 
     /// POSTs a JSON body with this app's key.
