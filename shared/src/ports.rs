@@ -174,3 +174,43 @@ pub trait AdminStore: Send + Sync {
     /// [`StoreError`] on a backend failure.
     async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError>;
 }
+
+/// One rendered campaign email, ready for a mail provider.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OutgoingEmail {
+    /// The recipient address, as the prospect gave it.
+    pub to: String,
+    /// The sender address (`From:`), from configuration.
+    pub from: String,
+    pub subject: String,
+    /// Plain-text body (template variables inserted as is).
+    pub text_body: String,
+    /// HTML body (template variables HTML-escaped).
+    pub html_body: String,
+    /// The one-click unsubscribe URL. Every adapter sends it as the RFC 8058 headers
+    /// `List-Unsubscribe: <URL>` and `List-Unsubscribe-Post: List-Unsubscribe=One-Click`.
+    pub unsubscribe_url: String,
+}
+
+/// Why a mail provider did not take an email.
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    /// Worth retrying later (connection refused, throttled, 4xx SMTP reply, provider 5xx).
+    #[error("mail provider temporarily failed")]
+    Transient(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The provider refused the recipient for good (5xx SMTP reply to RCPT, SES rejection of
+    /// the address): the prospect is marked bounced.
+    #[error("recipient rejected: {0}")]
+    Rejected(String),
+}
+
+/// Sends campaign emails.
+#[async_trait]
+pub trait Mailer: Send + Sync {
+    /// Sends one email.
+    ///
+    /// # Errors
+    /// [`MailError::Transient`] when a retry may succeed, [`MailError::Rejected`] when the
+    /// recipient address is refused for good.
+    async fn send(&self, email: &OutgoingEmail) -> Result<(), MailError>;
+}

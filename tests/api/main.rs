@@ -5,3 +5,4 @@ mod cli;
 mod contract;
 mod events;
 mod helpers;
+mod mailers;

@@ -2,6 +2,8 @@
 //! and the job queue in one file) and the AWS backend (DynamoDB single table, SQS queue).
 
 pub mod dynamodb;
+pub mod ses;
+pub mod smtp;
 mod record;
 pub mod sqlite;
 pub mod sqs;

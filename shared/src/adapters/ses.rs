@@ -1,0 +1,1 @@
+//! Amazon SES v2 mailer.
