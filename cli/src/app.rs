@@ -1,16 +1,14 @@
 //! What each command does, over whichever backend was chosen.
 
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 use shared::admin::{self, AdminError};
 use shared::backend::Backend;
 use shared::config::{aws_sdk_config, ConfigError, TableConfig, QUEUE_URL};
 use shared::domain::{ApiKeyRecord, Campaign, CampaignDefinition, ExternalId, NormalizedEmail, Prospect, SystemClock};
-use shared::http::{router, Routes, KEY_HEADER, PROSPECTS_PATH};
 use shared::ports::{ProspectRef, StoreError};
 
-use crate::args::{AccountsCommand, BackendKind, CampaignsCommand, Cli, Command, KeysCommand, ProspectsCommand};
+use crate::args::{AccountsCommand, BackendKind, CampaignsCommand, Cli, Command, KeysCommand, OutboxCommand, ProspectsCommand};
+use crate::serve::serve;
 
 /// Why a command failed; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +68,19 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
     let store = backend.admin.as_ref();
     let j = cli.json;
     match cli.command {
-        Command::Serve { addr } => serve(backend, cli.backend, addr).await?,
+        Command::Serve { addr, public_url } => serve(backend, &cli.data_dir, addr, public_url).await?,
+        Command::Outbox(OutboxCommand::List) => {
+            let BackendKind::Embedded = cli.backend else {
+                return Err(AppError::Usage("the outbox belongs to the embedded store; on AWS, emails go through SES".into()));
+            };
+            let entries = shared::adapters::sqlite::SqliteStore::open(&cli.data_dir)?.outbox().await?;
+            let text = entries
+                .iter()
+                .map(|e| format!("#{}  {}  to {}  \"{}\"", e.id, e.queued_at, e.email.to, e.email.subject))
+                .collect::<Vec<_>>()
+                .join("\n");
+            emit(j, &json!({ "emails": entries }), if entries.is_empty() { "The outbox is empty." } else { &text });
+        }
         Command::Accounts(AccountsCommand::Create { name }) => {
             let account = admin::create_account(store, &name, &clock).await?;
             emit(j, &json!({ "account_id": account.id, "name": account.name }), &format!("Created account {} ({})", account.id, account.name));
@@ -178,43 +188,3 @@ fn prospect_json(p: &Prospect) -> Value {
     })
 }
 
-async fn serve(backend: Backend, kind: BackendKind, addr: std::net::SocketAddr) -> Result<(), AppError> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| AppError::Usage(format!("cannot listen on {addr}: {e}")))?;
-    let local = listener.local_addr().map_err(|e| AppError::Usage(e.to_string()))?;
-    if kind == BackendKind::Embedded {
-        if let Some(demo) = admin::bootstrap_demo(backend.admin.as_ref(), &SystemClock).await? {
-            println!("First start: created a demo account ({}), its default campaign and an API key:", demo.account.id);
-            println!("\n    {}\n\nIt is shown only once. Try it:\n", demo.key.expose());
-            println!(
-                "curl -i -X POST http://{local}{PROSPECTS_PATH} -H 'Content-Type: application/json' -H '{KEY_HEADER}: {}' -d '{{\"email\":\"jane@example.com\",\"first_name\":\"Jane\"}}'\n",
-                demo.key.expose()
-            );
-        }
-    }
-    let app = router(backend.service(Arc::new(SystemClock)), Routes::All);
-    println!("CadenHQ Prospects API listening on http://{local}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| AppError::Usage(format!("server failed: {e}")))?;
-    println!("Shut down cleanly.");
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! { () = ctrl_c => {}, () = terminate => {} }
-}

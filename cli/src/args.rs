@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use shared::config::{BACKEND, DATA_DIR};
+use shared::config::{BACKEND, DATA_DIR, PUBLIC_URL};
 use shared::domain::{AccountId, CampaignId, KeyId, ProspectId};
 
 #[derive(Debug, Parser)]
@@ -36,6 +36,9 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:3000")]
         addr: SocketAddr,
+        /// Base URL of unsubscribe links in emails (default: http://ADDR).
+        #[arg(long, env = PUBLIC_URL)]
+        public_url: Option<String>,
     },
     /// Manage accounts.
     #[command(subcommand)]
@@ -49,6 +52,15 @@ pub enum Command {
     /// Inspect prospects.
     #[command(subcommand)]
     Prospects(ProspectsCommand),
+    /// Campaign emails stored by the embedded server's outbox mailer.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// List the stored emails, oldest first.
+    List,
 }
 
 #[derive(Debug, Subcommand)]

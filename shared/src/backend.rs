@@ -8,7 +8,8 @@ use crate::adapters::dynamodb::DynamoStore;
 use crate::adapters::sqlite::SqliteStore;
 use crate::adapters::sqs::SqsQueue;
 use crate::domain::Clock;
-use crate::ports::{AdminStore, JobQueue, KeyStore, ProspectRepository, StoreError};
+use crate::ports::{AdminStore, JobQueue, KeyStore, Mailer, ProspectRepository, SendLog, StoreError};
+use crate::scheduler::SchedulerPorts;
 use crate::service::ProspectService;
 
 /// The ports of one backend.
@@ -17,7 +18,11 @@ pub struct Backend {
     pub repo: Arc<dyn ProspectRepository>,
     pub keys: Arc<dyn KeyStore>,
     pub admin: Arc<dyn AdminStore>,
+    pub sends: Arc<dyn SendLog>,
     pub queue: Option<Arc<dyn JobQueue>>,
+    /// The embedded store itself, when this is the embedded backend (its queue, send log and
+    /// outbox serve the in-process scheduler).
+    pub embedded: Option<SqliteStore>,
 }
 
 impl Backend {
@@ -37,7 +42,9 @@ impl Backend {
             repo: Arc::new(store.clone()),
             keys: Arc::new(store.clone()),
             admin: Arc::new(store.clone()),
+            sends: Arc::new(store.clone()),
             queue: Some(Arc::new(store.clone())),
+            embedded: Some(store.clone()),
         }
     }
 
@@ -46,7 +53,28 @@ impl Backend {
     pub fn aws(sdk: &aws_config::SdkConfig, table: &str, queue_url: Option<&str>) -> Self {
         let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(sdk), table);
         let queue = queue_url.map(|url| Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(sdk), url)) as Arc<dyn JobQueue>);
-        Self { repo: Arc::new(store.clone()), keys: Arc::new(store.clone()), admin: Arc::new(store), queue }
+        Self {
+            repo: Arc::new(store.clone()),
+            keys: Arc::new(store.clone()),
+            admin: Arc::new(store.clone()),
+            sends: Arc::new(store),
+            queue,
+            embedded: None,
+        }
+    }
+
+    /// The scheduler's ports over this backend, sending through `mailer`; `None` without a
+    /// queue.
+    #[must_use]
+    pub fn scheduler_ports(&self, mailer: Arc<dyn Mailer>, clock: Arc<dyn Clock>) -> Option<SchedulerPorts> {
+        Some(SchedulerPorts {
+            repo: Arc::clone(&self.repo),
+            campaigns: Arc::clone(&self.admin),
+            sends: Arc::clone(&self.sends),
+            queue: self.queue.clone()?,
+            mailer,
+            clock,
+        })
     }
 
     /// The prospects service over this backend.

@@ -11,13 +11,62 @@ pub const DATA_DIR: &str = "CADENHQ_DATA_DIR";
 /// `embedded` (default) or `aws`: which backend the `cadenhq` admin commands use.
 pub const BACKEND: &str = "CADENHQ_BACKEND";
 
-/// A required variable that is missing or empty.
+/// `From:` address of campaign emails, e.g. `Acme <hello@acme.example>`.
+pub const SENDER: &str = "CADENHQ_SENDER";
+/// Public base URL of the API, for unsubscribe links.
+pub const PUBLIC_URL: &str = "CADENHQ_PUBLIC_URL";
+/// ARN of the Secrets Manager secret holding the unsubscribe signing secret (Lambda).
+pub const UNSUBSCRIBE_SECRET_ARN: &str = "CADENHQ_UNSUBSCRIBE_SECRET_ARN";
+/// The unsubscribe signing secret itself (`cadenhq serve`; at least 32 bytes).
+pub const UNSUBSCRIBE_SECRET: &str = "CADENHQ_UNSUBSCRIBE_SECRET";
+/// `outbox` (default) or `smtp`: how `cadenhq serve` delivers campaign emails.
+pub const MAILER: &str = "CADENHQ_MAILER";
+/// SMTP relay URL for the `smtp` mailer, e.g. `smtps://user:pass@smtp.example.com`.
+pub const SMTP_URL: &str = "CADENHQ_SMTP_URL";
+
+/// A required variable that is missing or empty, or a configured value that is unusable.
 #[derive(Debug, thiserror::Error)]
-#[error("environment variable {0} must be set")]
-pub struct ConfigError(pub &'static str);
+pub enum ConfigError {
+    #[error("environment variable {0} must be set")]
+    Missing(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+}
 
 fn required(name: &'static str) -> Result<String, ConfigError> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty()).ok_or(ConfigError(name))
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty()).ok_or(ConfigError::Missing(name))
+}
+
+/// Where campaign emails come from and where their links point.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub sender: String,
+    pub public_url: String,
+}
+
+impl DeliveryConfig {
+    /// # Errors
+    /// [`ConfigError`] naming [`SENDER`] or [`PUBLIC_URL`] when unset.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self { sender: required(SENDER)?, public_url: required(PUBLIC_URL)? })
+    }
+}
+
+/// Reads the unsubscribe signing secret from Secrets Manager, once per cold start; the ARN
+/// comes from [`UNSUBSCRIBE_SECRET_ARN`].
+///
+/// # Errors
+/// [`ConfigError`] when the variable is unset, the secret cannot be read, or it is too short.
+pub async fn unsubscribe_secret_from_aws(sdk: &aws_config::SdkConfig) -> Result<crate::domain::UnsubscribeSecret, ConfigError> {
+    let arn = required(UNSUBSCRIBE_SECRET_ARN)?;
+    let out = aws_sdk_secretsmanager::Client::new(sdk)
+        .get_secret_value()
+        .secret_id(arn)
+        .send()
+        .await
+        .map_err(|e| ConfigError::Invalid(format!("cannot read the unsubscribe secret: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(e))))?;
+    let value = out.secret_string().unwrap_or_default();
+    crate::domain::UnsubscribeSecret::new(value.as_bytes().to_vec()).map_err(|e| ConfigError::Invalid(e.to_string()))
 }
 
 /// What a function that reads and writes prospects needs.

@@ -9,5 +9,6 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod ports;
+pub mod scheduler;
 pub mod service;
 pub mod telemetry;

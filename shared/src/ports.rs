@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::domain::{
-    Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, ExternalId, KeyHash, KeyId,
-    NormalizedEmail, Prospect, ProspectId, ProspectStatus,
+    Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, EnrollmentId, ExternalId,
+    KeyHash, KeyId, NormalizedEmail, Prospect, ProspectId, ProspectStatus,
 };
 
 /// A failure of a storage or queue adapter.
@@ -47,6 +47,8 @@ pub enum ProspectRef {
     Id(ProspectId),
     ExternalId(ExternalId),
     Email(NormalizedEmail),
+    /// The hash of the normalized email (what campaign jobs carry).
+    EmailHash(String),
 }
 
 /// Everything an upsert needs to decide, read in one round trip.
@@ -113,12 +115,38 @@ pub trait ProspectRepository: Send + Sync {
 /// The campaign job queue.
 #[async_trait]
 pub trait JobQueue: Send + Sync {
-    /// Publishes a job; it becomes visible to the scheduler no later than its due time
-    /// (or the queue's longest delay).
+    /// Publishes a job that becomes visible to the scheduler at `visible_at`, or earlier if
+    /// the queue cannot delay that long (SQS: 15 minutes); the scheduler re-queues a job that
+    /// arrives before its step is due.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`] when it was not accepted.
-    async fn publish(&self, job: &CampaignJob) -> Result<(), StoreError>;
+    async fn publish(&self, job: &CampaignJob, visible_at: OffsetDateTime) -> Result<(), StoreError>;
+}
+
+/// The result of claiming a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This worker may send.
+    Won,
+    /// Someone claimed it at `since` (and sent, or is sending, or died trying).
+    Held { since: OffsetDateTime },
+}
+
+/// The record of which (enrollment, step) emails were sent: what makes delivery exactly-once.
+#[async_trait]
+pub trait SendLog: Send + Sync {
+    /// Claims the right to send step `step` of an enrollment, with one conditional write.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn claim_send(&self, enrollment: EnrollmentId, step: u32, now: OffsetDateTime) -> Result<Claim, StoreError>;
+
+    /// Gives a claim back after the provider failed transiently, so a retry may send.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn release_send(&self, enrollment: EnrollmentId, step: u32) -> Result<(), StoreError>;
 }
 
 /// Looking up keys for authentication.

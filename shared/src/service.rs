@@ -8,7 +8,7 @@ use tracing::{info, instrument};
 
 use crate::domain::{
     AccountId, ApiKey, CampaignId, CampaignJob, Clock, Enrollment, FieldError, NormalizedEmail,
-    Prospect, ProspectChanges, ProspectId, ProspectStatus,
+    Prospect, ProspectChanges, ProspectId, ProspectStatus, UnsubscribeSecret,
 };
 use crate::ports::{Conflict, JobQueue, KeyStore, ProspectRef, ProspectRepository, StoreError};
 
@@ -26,6 +26,8 @@ pub enum ServiceError {
     NotFound,
     #[error("validation failed: {0:?}")]
     Invalid(Vec<String>),
+    #[error("invalid unsubscribe token")]
+    InvalidToken,
     #[error("storage temporarily unavailable")]
     Unavailable(#[source] StoreError),
     #[error("storage failure")]
@@ -69,6 +71,7 @@ pub struct ProspectService {
     queue: Option<Arc<dyn JobQueue>>,
     keys: Arc<dyn KeyStore>,
     clock: Arc<dyn Clock>,
+    unsubscribe_secret: Option<UnsubscribeSecret>,
 }
 
 impl ProspectService {
@@ -81,7 +84,34 @@ impl ProspectService {
         keys: Arc<dyn KeyStore>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { repo, queue, keys, clock }
+        Self { repo, queue, keys, clock, unsubscribe_secret: None }
+    }
+
+    /// Enables unsubscribe links signed with `secret`.
+    #[must_use]
+    pub fn with_unsubscribe_secret(mut self, secret: UnsubscribeSecret) -> Self {
+        self.unsubscribe_secret = Some(secret);
+        self
+    }
+
+    /// Checks an unsubscribe token without changing anything.
+    ///
+    /// # Errors
+    /// [`ServiceError::InvalidToken`] for a tampered or foreign token (or when no secret is
+    /// configured).
+    pub fn verify_unsubscribe(&self, token: &str) -> Result<(AccountId, ProspectId), ServiceError> {
+        let secret = self.unsubscribe_secret.as_ref().ok_or(ServiceError::InvalidToken)?;
+        secret.verify(token).map_err(|_| ServiceError::InvalidToken)
+    }
+
+    /// One-click unsubscribe: sets the status `unsubscribed`, ending every enrollment.
+    /// Idempotent.
+    ///
+    /// # Errors
+    /// [`ServiceError::InvalidToken`]; [`ServiceError::NotFound`] when the prospect is gone.
+    pub async fn unsubscribe(&self, token: &str) -> Result<Prospect, ServiceError> {
+        let (account, prospect) = self.verify_unsubscribe(token)?;
+        self.set_status(account, &ProspectRef::Id(prospect), ProspectStatus::Unsubscribed).await
     }
 
     /// The account a presented key belongs to.
@@ -173,11 +203,13 @@ impl ProspectService {
             campaign_id: enrollment.campaign_id,
             step: 0,
             published_at: now,
+            attempt: 0,
+            not_before: None,
         };
         let Some(queue) = &self.queue else {
             return Err(ServiceError::Internal(StoreError::other("no job queue is configured")));
         };
-        queue.publish(&job).await.map_err(|e| match e {
+        queue.publish(&job, now).await.map_err(|e| match e {
             StoreError::Unavailable(_) => ServiceError::Unavailable(e),
             other => ServiceError::Internal(other),
         })

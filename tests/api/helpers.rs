@@ -4,7 +4,7 @@
 //! its own store, account and key.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{
@@ -16,9 +16,12 @@ use shared::adapters::dynamodb::GSI1;
 use shared::adapters::sqlite::SqliteStore;
 use shared::admin;
 use shared::backend::Backend;
-use shared::domain::{AccountId, Campaign, CampaignDefinition, CampaignJob, SystemClock};
+use shared::adapters::sqs::SqsQueue;
+use shared::domain::{AccountId, Campaign, CampaignDefinition, CampaignJob, Clock, SystemClock, UnsubscribeSecret};
 use shared::http::{router, Routes, KEY_HEADER};
-use shared::ports::{JobQueue, ProspectRef, StoreError};
+use shared::ports::{JobQueue, MailError, Mailer, OutgoingEmail, ProspectRef, StoreError};
+use shared::scheduler::{drain_embedded, handle_sqs_batch, DeliverySettings, Scheduler};
+use time::{Duration, OffsetDateTime};
 
 /// Which backend a contract test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +45,7 @@ impl FaultyQueue {
 
 #[async_trait]
 impl JobQueue for FaultyQueue {
-    async fn publish(&self, job: &CampaignJob) -> Result<(), StoreError> {
+    async fn publish(&self, job: &CampaignJob, visible_at: OffsetDateTime) -> Result<(), StoreError> {
         let injected = self
             .failures_left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -50,8 +53,67 @@ impl JobQueue for FaultyQueue {
         if injected {
             return Err(StoreError::Unavailable("injected queue failure".into()));
         }
-        self.inner.publish(job).await
+        self.inner.publish(job, visible_at).await
     }
+}
+
+/// A clock the test moves by hand.
+pub struct ManualClock(Mutex<OffsetDateTime>);
+
+impl ManualClock {
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// What the recording mailer does with the next emails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MailFault {
+    Transient,
+    Reject,
+}
+
+/// A mailer that keeps what it is given, and can be told to fail.
+#[derive(Default)]
+pub struct RecordingMailer {
+    pub sent: Mutex<Vec<OutgoingEmail>>,
+    faults: Mutex<Vec<MailFault>>,
+}
+
+impl RecordingMailer {
+    pub fn fail_next(&self, fault: MailFault) {
+        self.faults.lock().unwrap().push(fault);
+    }
+
+    pub fn sent(&self) -> Vec<OutgoingEmail> {
+        self.sent.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Mailer for RecordingMailer {
+    async fn send(&self, email: &OutgoingEmail) -> Result<(), MailError> {
+        let fault = self.faults.lock().unwrap().pop();
+        match fault {
+            Some(MailFault::Transient) => Err(MailError::Transient("injected provider failure".into())),
+            Some(MailFault::Reject) => Err(MailError::Rejected("injected: mailbox does not exist".into())),
+            None => {
+                self.sent.lock().unwrap().push(email.clone());
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The secret unsubscribe links of test apps are signed with.
+pub fn test_secret() -> UnsubscribeSecret {
+    UnsubscribeSecret::new(b"test-unsubscribe-secret-0123456789abcdef".to_vec()).unwrap()
 }
 
 /// Where the AWS backend's resources live, for reading them back.
@@ -62,6 +124,9 @@ pub struct AwsResources {
 
 /// A running app with one account and one key.
 pub struct TestApp {
+    pub clock: Arc<ManualClock>,
+    pub mailer: Arc<RecordingMailer>,
+    pub scheduler: Scheduler,
     pub base: String,
     pub http: reqwest::Client,
     pub backend: Backend,
@@ -139,7 +204,9 @@ impl TestApp {
                 create_table(&sdk, &table).await;
                 let sqs = aws_sdk_sqs::Client::new(&sdk);
                 let queue_url = sqs.create_queue().queue_name(unique("jobs")).send().await.expect("create queue").queue_url.unwrap();
-                let backend = Backend::aws(&sdk, &table, Some(&queue_url));
+                // Delays come from the injected clock: re-queued jobs come straight back.
+                let queue = SqsQueue::new(sqs.clone(), &queue_url).with_max_delay_seconds(0);
+                let backend = Backend { queue: Some(Arc::new(queue)), ..Backend::aws(&sdk, &table, None) };
                 (backend, None, Some(AwsResources { sqs, queue_url }))
             }
         };
@@ -157,12 +224,25 @@ impl TestApp {
         .await
         .unwrap();
 
+        let clock = Arc::new(ManualClock(Mutex::new(OffsetDateTime::now_utc())));
+        let mailer = Arc::new(RecordingMailer::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = router(backend.service(Arc::new(SystemClock)), Routes::All);
+        let ports = backend.scheduler_ports(mailer.clone(), clock.clone()).expect("queue");
+        let settings = DeliverySettings {
+            sender: "Acme <hello@acme.example>".into(),
+            public_url: format!("http://{addr}"),
+            unsubscribe_secret: test_secret(),
+        };
+        let scheduler = Scheduler::new(ports, settings);
+        let service = backend.service(clock.clone()).with_unsubscribe_secret(test_secret());
+        let app = router(service, Routes::All);
         tokio::spawn(async move { axum::serve(listener, app).await });
 
         Self {
+            clock,
+            mailer,
+            scheduler,
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
             backend,
@@ -229,8 +309,14 @@ impl TestApp {
         if let Some(store) = &self.embedded {
             return store.queued_jobs().await.unwrap();
         }
+        let messages = self.receive_all().await;
+        messages.iter().map(|m| serde_json::from_str(m.body().unwrap_or_default()).expect("job body")).collect()
+    }
+
+    /// Receives every visible message of the AWS queue, hiding them for five minutes.
+    async fn receive_all(&self) -> Vec<aws_sdk_sqs::types::Message> {
         let aws = self.aws.as_ref().expect("aws resources");
-        let mut jobs = Vec::new();
+        let mut all = Vec::new();
         loop {
             let out = aws
                 .sqs
@@ -243,12 +329,84 @@ impl TestApp {
                 .expect("receive messages");
             let messages = out.messages.unwrap_or_default();
             if messages.is_empty() {
-                return jobs;
+                return all;
             }
-            for m in messages {
-                jobs.push(serde_json::from_str(m.body().unwrap_or_default()).expect("job body"));
+            all.extend(messages);
+        }
+    }
+
+    /// Puts a raw message on the backend's queue, visible now.
+    pub async fn enqueue_raw(&self, body: &str) {
+        if let Some(store) = &self.embedded {
+            return store.enqueue_raw(body.to_owned(), self.clock.now()).await.unwrap();
+        }
+        let aws = self.aws.as_ref().expect("aws resources");
+        aws.sqs.send_message().queue_url(&aws.queue_url).message_body(body).send().await.unwrap();
+    }
+
+    /// Runs the scheduler until it is quiet, as the queue would: the embedded loop's pass, or
+    /// the scheduler Lambda's SQS handler fed with what the queue holds. Each job is delivered
+    /// `deliveries` times. Returns how many messages were reported failed (AWS) or
+    /// dead-lettered (embedded) in this tick.
+    pub async fn tick(&self, deliveries: usize) -> usize {
+        let mut failed = 0;
+        for _ in 0..8 {
+            let before = self.mailer.sent().len();
+            let handled = match &self.embedded {
+                Some(store) if deliveries == 1 => {
+                    let dead_before = store.dead_jobs().await.unwrap().len();
+                    let handled = drain_embedded(&self.scheduler, store).await.unwrap();
+                    failed += store.dead_jobs().await.unwrap().len() - dead_before;
+                    handled
+                }
+                Some(store) => {
+                    // Redelivery: every leased job handled `deliveries` times before its ack.
+                    let now = self.clock.now();
+                    let jobs = store.lease_due_jobs(now, now + Duration::minutes(2), 100).await.unwrap();
+                    for job in &jobs {
+                        let mut results = Vec::new();
+                        for _ in 0..deliveries {
+                            results.push(self.scheduler.process_message(&job.body).await);
+                        }
+                        if results.iter().all(Result::is_err) {
+                            failed += 1;
+                            store.dead_letter_job(job.id, "failed".into()).await.unwrap();
+                        } else {
+                            store.ack_job(job.id).await.unwrap();
+                        }
+                    }
+                    jobs.len()
+                }
+                None => {
+                    let aws = self.aws.as_ref().unwrap();
+                    let messages = self.receive_all().await;
+                    let mut event = aws_lambda_events::event::sqs::SqsEvent::default();
+                    for m in &messages {
+                        for _ in 0..deliveries {
+                            let mut record = aws_lambda_events::event::sqs::SqsMessage::default();
+                            record.message_id = m.message_id.clone();
+                            record.body = m.body.clone();
+                            event.records.push(record);
+                        }
+                    }
+                    let response = handle_sqs_batch(&self.scheduler, event).await;
+                    let failures: std::collections::HashSet<_> =
+                        response.batch_item_failures.iter().map(|f| f.item_identifier.clone()).collect();
+                    for m in &messages {
+                        if failures.contains(m.message_id().unwrap_or_default()) {
+                            failed += 1;
+                        } else {
+                            aws.sqs.delete_message().queue_url(&aws.queue_url).receipt_handle(m.receipt_handle().unwrap_or_default()).send().await.unwrap();
+                        }
+                    }
+                    messages.len()
+                }
+            };
+            if handled == 0 || self.mailer.sent().len() == before {
+                break;
             }
         }
+        failed
     }
 }
 

@@ -1,6 +1,7 @@
 //! Black-box tests of the Prospects API: one binary, one helpers module. The contract suite
 //! runs every test against the embedded store and against DynamoDB/SQS in the emulator.
 
+mod campaigns;
 mod cli;
 mod contract;
 mod events;

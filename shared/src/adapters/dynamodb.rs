@@ -9,6 +9,7 @@
 //! | key | `KEY#{sha256(key)}` | JSON `doc`; `gsi1pk` = `ACCOUNT#{id}#KEYS` |
 //! | key id pointer | `KEYID#{key_id}` | `hash` |
 //! | campaign | `CAMPAIGN#{id}` | JSON `doc`; `gsi1pk` = `ACCOUNT#{id}#CAMPAIGNS` |
+//! | send record | `SEND#{enrollment_id}#{step}` | `claimed_at`; `expires_at` (TTL) |
 //!
 //! Every prospect has its own partition (account + email), so one large account never
 //! concentrates writes on one key. Lookups by id or external_id go through pointer items read
@@ -28,7 +29,14 @@ use crate::domain::{
     Account, AccountId, ApiKeyRecord, Campaign, CampaignId, KeyHash, KeyId, NormalizedEmail, Prospect,
     ProspectStatus,
 };
-use crate::ports::{AdminStore, Conflict, KeyStore, ProspectRef, ProspectRepository, StoreError, UpsertContext};
+use crate::domain::EnrollmentId;
+use crate::ports::{
+    AdminStore, Claim, Conflict, KeyStore, ProspectRef, ProspectRepository, SendLog, StoreError, UpsertContext,
+};
+
+/// How long a send record is kept (DynamoDB TTL attribute `expires_at`): longer than any
+/// campaign can run.
+const SEND_RECORD_TTL_SECONDS: i64 = 400 * 24 * 3600;
 
 /// Name of the table's one global secondary index (keys and campaigns by account).
 pub const GSI1: &str = "gsi1";
@@ -236,6 +244,7 @@ impl DynamoStore {
         let acc = account.to_string();
         let pointer = match by {
             ProspectRef::Email(email) => return Ok(Some(prospect_pk(&acc, &email.key_hash()))),
+            ProspectRef::EmailHash(hash) => return Ok(Some(prospect_pk(&acc, hash))),
             ProspectRef::Id(id) => id_pointer_pk(&acc, &id.to_string()),
             ProspectRef::ExternalId(ext) => external_pointer_pk(&acc, ext.as_str()),
         };
@@ -531,6 +540,50 @@ impl AdminStore for DynamoStore {
 
     async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError> {
         self.get(campaign_pk(id), true).await?.as_ref().map(doc_of).transpose()
+    }
+}
+
+#[async_trait]
+impl SendLog for DynamoStore {
+    async fn claim_send(&self, enrollment: EnrollmentId, step: u32, now: OffsetDateTime) -> Result<Claim, StoreError> {
+        let mut item = key(format!("SEND#{enrollment}#{step}"));
+        item.insert("claimed_at".into(), s(rfc3339(now)));
+        item.insert("expires_at".into(), n(now.unix_timestamp() + SEND_RECORD_TTL_SECONDS));
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .return_values_on_condition_check_failure(aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(Claim::Won),
+            Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => {
+                let since = match se.err() {
+                    aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(e) => {
+                        e.item().and_then(|old| get_s(old, "claimed_at").ok())
+                    }
+                    _ => None,
+                };
+                // Without the old item (an emulator may omit it) the claim counts as fresh.
+                let since = since.map(|t| super::record::parse_rfc3339(&t)).transpose()?.unwrap_or(now);
+                Ok(Claim::Held { since })
+            }
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
+    async fn release_send(&self, enrollment: EnrollmentId, step: u32) -> Result<(), StoreError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(format!("SEND#{enrollment}#{step}"))))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(())
     }
 }
 

@@ -1,1 +1,240 @@
-//! SMTP mailer.
+//! SMTP mailer: sends campaign emails through any relay named by a URL, and builds the MIME
+//! message (plain text and HTML alternatives, RFC 8058 one-click unsubscribe headers) that the
+//! SES adapter sends as well. A permanent reply in the mail-system range (55x: mailbox
+//! unavailable, not local, storage exceeded, name not allowed, transaction failed) rejects the
+//! recipient; every other failure, permanent replies about syntax or authentication included,
+//! is transient, so a misconfigured relay fills the dead-letter queue instead of bouncing every
+//! prospect. Provider replies are kept for diagnostics with every address in them redacted.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use lettre::message::header::{HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::response::{Category, Severity};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use crate::ports::{MailError, Mailer, OutgoingEmail};
+
+const LIST_UNSUBSCRIBE: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe");
+const LIST_UNSUBSCRIBE_POST: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe-Post");
+const ONE_CLICK: &str = "List-Unsubscribe=One-Click";
+
+/// Why an [`SmtpMailer`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SmtpConfigError {
+    #[error("invalid SMTP URL (expected smtp://host:port, smtps://user:pass@host or smtp://host:port?tls=required)")]
+    InvalidUrl(#[source] lettre::transport::smtp::Error),
+    #[error("the SMTP mailer must be built inside a Tokio runtime")]
+    NoRuntime,
+}
+
+/// Sends emails through one SMTP relay, over a pool of connections.
+pub struct SmtpMailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+}
+
+impl fmt::Debug for SmtpMailer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpMailer").finish_non_exhaustive()
+    }
+}
+
+impl SmtpMailer {
+    /// A mailer for the relay at `url`: `smtp://host:port` (plain), `smtp://host:port?tls=required`
+    /// (STARTTLS), `smtps://user:pass@host` (TLS from the start); credentials are optional and
+    /// percent-encoded. Connects lazily, on the first send.
+    ///
+    /// # Errors
+    /// [`SmtpConfigError::InvalidUrl`] for a URL lettre cannot use, [`SmtpConfigError::NoRuntime`]
+    /// when called outside a Tokio runtime (the pool runs a cleanup task on it).
+    pub fn from_url(url: &str) -> Result<Self, SmtpConfigError> {
+        let builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(url).map_err(SmtpConfigError::InvalidUrl)?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(SmtpConfigError::NoRuntime);
+        }
+        Ok(Self { transport: builder.build() })
+    }
+}
+
+#[async_trait]
+impl Mailer for SmtpMailer {
+    async fn send(&self, email: &OutgoingEmail) -> Result<(), MailError> {
+        let message = build_message(email)?;
+        self.transport.send(message).await.map(drop).map_err(classify)
+    }
+}
+
+fn classify(error: lettre::transport::smtp::Error) -> MailError {
+    let failure = ProviderFailure::new(&error.to_string());
+    match error.status() {
+        Some(code)
+            if code.severity == Severity::PermanentNegativeCompletion && code.category == Category::MailSystem =>
+        {
+            MailError::Rejected(format!("SMTP {failure}"))
+        }
+        _ => MailError::Transient(Box::new(failure)),
+    }
+}
+
+/// The MIME message for `email`: `From`, `To`, `Subject` (RFC 2047-encoded when needed),
+/// `Date`, `Message-ID`, the two RFC 8058 headers, and a multipart/alternative body with the
+/// plain-text part first and the HTML part last.
+///
+/// # Errors
+/// [`MailError::Rejected`] when `to` or `from` is not an email address;
+/// [`MailError::Transient`] when the unsubscribe URL is not a plain ASCII URL (a bug upstream:
+/// the job is retried and dead-lettered rather than the prospect marked bounced).
+pub(crate) fn build_message(email: &OutgoingEmail) -> Result<Message, MailError> {
+    let to: Mailbox =
+        email.to.parse().map_err(|e| MailError::Rejected(format!("invalid recipient address: {e}")))?;
+    let from: Mailbox =
+        email.from.parse().map_err(|e| MailError::Rejected(format!("invalid sender address: {e}")))?;
+    let url = &email.unsubscribe_url;
+    if url.is_empty() || !url.bytes().all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>') {
+        return Err(MailError::Transient(Box::new(ProviderFailure::new(
+            "the unsubscribe URL is empty or not a plain ASCII URL",
+        ))));
+    }
+    Message::builder()
+        .from(from)
+        .to(to)
+        .subject(email.subject.as_str())
+        .message_id(None)
+        .raw_header(HeaderValue::new(LIST_UNSUBSCRIBE, format!("<{url}>")))
+        .raw_header(HeaderValue::new(LIST_UNSUBSCRIBE_POST, ONE_CLICK.to_owned()))
+        .multipart(MultiPart::alternative_plain_html(email.text_body.clone(), email.html_body.clone()))
+        .map_err(|e| MailError::Transient(Box::new(e)))
+}
+
+/// A mail provider's failure as text, with every address in it redacted.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct ProviderFailure(String);
+
+impl ProviderFailure {
+    pub(crate) fn new(text: &str) -> Self {
+        Self(redact_addresses(text))
+    }
+}
+
+/// `text` with every word that contains an `@` replaced by `[address]`.
+pub(crate) fn redact_addresses(text: &str) -> String {
+    text.split_whitespace().map(|word| if word.contains('@') { "[address]" } else { word }).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn email() -> OutgoingEmail {
+        OutgoingEmail {
+            to: "ada@example.com".into(),
+            from: "CadenHQ <hello@cadenhq.test>".into(),
+            subject: "Welcome aboard".into(),
+            text_body: "Hi Ada".into(),
+            html_body: "<p>Hi Ada</p>".into(),
+            unsubscribe_url: "https://api.cadenhq.test/unsubscribe?token=abc123".into(),
+        }
+    }
+
+    fn formatted(email: &OutgoingEmail) -> String {
+        String::from_utf8(build_message(email).expect("valid email").formatted()).expect("ASCII message")
+    }
+
+    fn header_block(message: &str) -> &str {
+        message.split("\r\n\r\n").next().unwrap_or_default()
+    }
+
+    #[test]
+    fn message_carries_both_one_click_unsubscribe_headers() {
+        let message = formatted(&email());
+
+        let headers = header_block(&message);
+        assert!(headers.contains("\r\nList-Unsubscribe: <https://api.cadenhq.test/unsubscribe?token=abc123>\r\n"), "{headers}");
+        assert!(headers.contains("\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"), "{headers}");
+    }
+
+    #[test]
+    fn message_is_multipart_alternative_with_text_before_html() {
+        let message = formatted(&email());
+
+        assert!(header_block(&message).contains("Content-Type: multipart/alternative;"), "{message}");
+        let text = message.find("Content-Type: text/plain").expect("text part");
+        let html = message.find("Content-Type: text/html").expect("html part");
+        assert!(text < html, "the preferred (HTML) part must come last");
+        assert!(message.contains("\r\n\r\nHi Ada\r\n"), "{message}");
+        assert!(message.contains("\r\n\r\n<p>Hi Ada</p>\r\n"), "{message}");
+    }
+
+    #[test]
+    fn message_has_addresses_date_and_message_id() {
+        let message = formatted(&email());
+
+        let headers = header_block(&message);
+        assert!(headers.contains("From: CadenHQ <hello@cadenhq.test>\r\n"), "{headers}");
+        assert!(headers.contains("To: ada@example.com\r\n"), "{headers}");
+        assert!(headers.contains("Date: "), "{headers}");
+        assert!(headers.contains("Message-ID: <"), "{headers}");
+    }
+
+    #[test]
+    fn non_ascii_subject_is_an_encoded_word() {
+        let message = formatted(&OutgoingEmail { subject: "Bienvenue, Zoé".into(), ..email() });
+
+        let headers = header_block(&message);
+        assert!(headers.contains("Subject: Bienvenue, =?utf-8?b?Wm/DqQ==?=\r\n"), "{headers}");
+    }
+
+    #[test]
+    fn line_breaks_in_subject_cannot_inject_headers() {
+        let message = formatted(&OutgoingEmail { subject: "Hi\r\nBcc: victim@example.com".into(), ..email() });
+
+        let headers = header_block(&message);
+        assert!(!headers.contains("\r\nBcc:"), "{headers}");
+    }
+
+    #[test]
+    fn invalid_recipient_is_rejected() {
+        let result = build_message(&OutgoingEmail { to: "not an address".into(), ..email() });
+
+        assert!(matches!(result, Err(MailError::Rejected(m)) if m.contains("recipient")));
+    }
+
+    #[test]
+    fn invalid_sender_is_rejected() {
+        let result = build_message(&OutgoingEmail { from: "cadenhq.test".into(), ..email() });
+
+        assert!(matches!(result, Err(MailError::Rejected(m)) if m.contains("sender")));
+    }
+
+    #[test]
+    fn unsubscribe_url_that_would_break_the_header_is_transient() {
+        for url in ["", "https://x.test/u?t=a b", "https://x.test/u>", "https://x.test/ü"] {
+            let result = build_message(&OutgoingEmail { unsubscribe_url: url.into(), ..email() });
+
+            assert!(matches!(result, Err(MailError::Transient(_))), "{url:?}");
+        }
+    }
+
+    #[test]
+    fn redaction_hides_every_address() {
+        let text = redact_addresses("550 5.1.1 <ada@example.com>: Recipient address rejected: ada@example.com");
+
+        assert_eq!(text, "550 5.1.1 [address] Recipient address rejected: [address]");
+    }
+
+    #[tokio::test]
+    async fn unknown_url_scheme_is_a_config_error() {
+        let result = SmtpMailer::from_url("http://127.0.0.1:25");
+
+        assert!(matches!(result, Err(SmtpConfigError::InvalidUrl(_))));
+    }
+
+    #[test]
+    fn building_outside_a_runtime_is_a_config_error() {
+        let result = SmtpMailer::from_url("smtp://127.0.0.1:25");
+
+        assert!(matches!(result, Err(SmtpConfigError::NoRuntime)));
+    }
+}

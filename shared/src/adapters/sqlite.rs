@@ -14,8 +14,10 @@ use crate::domain::{
     Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, KeyHash, KeyId,
     NormalizedEmail, Prospect, ProspectStatus,
 };
+use crate::domain::EnrollmentId;
 use crate::ports::{
-    AdminStore, Conflict, JobQueue, KeyStore, ProspectRef, ProspectRepository, StoreError, UpsertContext,
+    AdminStore, Claim, Conflict, JobQueue, KeyStore, MailError, Mailer, OutgoingEmail, ProspectRef,
+    ProspectRepository, SendLog, StoreError, UpsertContext,
 };
 
 /// File name of the database inside the data directory.
@@ -36,10 +38,39 @@ CREATE TABLE IF NOT EXISTS prospects (
 CREATE UNIQUE INDEX IF NOT EXISTS prospects_external_id
     ON prospects(account_id, external_id) WHERE external_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, visible_at TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS jobs_visible ON jobs(visible_at);
+    id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, visible_at_ms INTEGER NOT NULL,
+    deliveries INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_visible ON jobs(visible_at_ms);
+CREATE TABLE IF NOT EXISTS dead_jobs (
+    id INTEGER PRIMARY KEY, body TEXT NOT NULL, reason TEXT NOT NULL, failed_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sends (
+    enrollment_id TEXT NOT NULL, step INTEGER NOT NULL, claimed_at TEXT NOT NULL,
+    PRIMARY KEY (enrollment_id, step));
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, queued_at TEXT NOT NULL, doc TEXT NOT NULL);
 ";
+
+/// A job taken from the embedded queue, invisible to others until its lease ends.
+#[derive(Debug, Clone)]
+pub struct LeasedJob {
+    pub id: i64,
+    pub body: String,
+    /// How many times it has been handed out, this time included.
+    pub deliveries: u32,
+}
+
+/// An email the outbox mailer stored instead of sending.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OutboxEntry {
+    pub id: i64,
+    pub queued_at: String,
+    #[serde(flatten)]
+    pub email: OutgoingEmail,
+}
+
+fn unix_ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
 
 const PROSPECT_COLUMNS: &str =
     "id, account_id, email_hash, external_id, status, ended_through, version, updated_at, doc";
@@ -92,7 +123,106 @@ impl SqliteStore {
         .map_err(StoreError::other)?
     }
 
-    /// How many campaign jobs are waiting in the embedded queue.
+    /// Takes up to `limit` jobs visible at `now` and hides them until `lease_until`, so a job
+    /// whose worker dies is handed out again then.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub async fn lease_due_jobs(&self, now: OffsetDateTime, lease_until: OffsetDateTime, limit: u32) -> Result<Vec<LeasedJob>, StoreError> {
+        let (now, until) = (unix_ms(now), unix_ms(lease_until));
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_error)?;
+            let jobs = {
+                let mut stmt = tx
+                    .prepare("SELECT id, body, deliveries + 1 FROM jobs WHERE visible_at_ms <= ?1 ORDER BY visible_at_ms, id LIMIT ?2")
+                    .map_err(db_error)?;
+                let rows = stmt
+                    .query_map(params![now, limit], |r| Ok(LeasedJob { id: r.get(0)?, body: r.get(1)?, deliveries: r.get(2)? }))
+                    .map_err(db_error)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(db_error)?
+            };
+            for job in &jobs {
+                tx.execute("UPDATE jobs SET visible_at_ms = ?2, deliveries = deliveries + 1 WHERE id = ?1", params![job.id, until])
+                    .map_err(db_error)?;
+            }
+            tx.commit().map_err(db_error)?;
+            Ok(jobs)
+        })
+        .await
+    }
+
+    /// Removes a job that was handled.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub async fn ack_job(&self, id: i64) -> Result<(), StoreError> {
+        self.call(move |conn| conn.execute("DELETE FROM jobs WHERE id = ?1", [id]).map(drop).map_err(db_error)).await
+    }
+
+    /// Moves a job that cannot be handled to the dead-letter table.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub async fn dead_letter_job(&self, id: i64, reason: String) -> Result<(), StoreError> {
+        let now = rfc3339(OffsetDateTime::now_utc());
+        self.call(move |conn| {
+            let tx = conn.transaction().map_err(db_error)?;
+            tx.execute(
+                "INSERT INTO dead_jobs (id, body, reason, failed_at) SELECT id, body, ?2, ?3 FROM jobs WHERE id = ?1",
+                params![id, reason, now],
+            )
+            .map_err(db_error)?;
+            tx.execute("DELETE FROM jobs WHERE id = ?1", [id]).map_err(db_error)?;
+            tx.commit().map_err(db_error)
+        })
+        .await
+    }
+
+    /// Jobs that were dead-lettered, with the reason.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub async fn dead_jobs(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare("SELECT body, reason FROM dead_jobs ORDER BY id").map_err(db_error)?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db_error)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_error)
+        })
+        .await
+    }
+
+    /// Puts a raw message on the embedded queue (tests use it to inject poison messages).
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub async fn enqueue_raw(&self, body: String, visible_at: OffsetDateTime) -> Result<(), StoreError> {
+        let (at, now) = (unix_ms(visible_at), rfc3339(OffsetDateTime::now_utc()));
+        self.call(move |conn| {
+            conn.execute("INSERT INTO jobs (body, visible_at_ms, created_at) VALUES (?1, ?2, ?3)", params![body, at, now])
+                .map(drop)
+                .map_err(db_error)
+        })
+        .await
+    }
+
+    /// The emails the outbox mailer stored, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare("SELECT id, queued_at, doc FROM outbox ORDER BY id").map_err(db_error)?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?))).map_err(db_error)?;
+            rows.map(|row| {
+                let (id, queued_at, doc) = row.map_err(db_error)?;
+                Ok(OutboxEntry { id, queued_at, email: serde_json::from_str(&doc).map_err(json_error)? })
+            })
+            .collect()
+        })
+        .await
+    }
+
+    /// Every campaign job waiting in the embedded queue, due or not.
     ///
     /// # Errors
     /// [`StoreError`] on a database failure.
@@ -127,6 +257,7 @@ fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Res
         ProspectRef::Id(id) => ("id", id.to_string()),
         ProspectRef::ExternalId(ext) => ("external_id", ext.as_str().to_owned()),
         ProspectRef::Email(email) => ("email_hash", email.key_hash()),
+        ProspectRef::EmailHash(hash) => ("email_hash", hash.clone()),
     };
     let sql = format!("SELECT {PROSPECT_COLUMNS} FROM prospects WHERE account_id = ?1 AND {column} = ?2");
     conn.query_row(&sql, params![account.to_string(), value], read_prospect)
@@ -251,15 +382,51 @@ impl ProspectRepository for SqliteStore {
 
 #[async_trait]
 impl JobQueue for SqliteStore {
-    async fn publish(&self, job: &CampaignJob) -> Result<(), StoreError> {
-        let body = job.to_json();
-        let now = rfc3339(OffsetDateTime::now_utc());
+    async fn publish(&self, job: &CampaignJob, visible_at: OffsetDateTime) -> Result<(), StoreError> {
+        self.enqueue_raw(job.to_json(), visible_at).await
+    }
+}
+
+#[async_trait]
+impl SendLog for SqliteStore {
+    async fn claim_send(&self, enrollment: EnrollmentId, step: u32, now: OffsetDateTime) -> Result<Claim, StoreError> {
+        let (id, at) = (enrollment.to_string(), rfc3339(now));
         self.call(move |conn| {
-            conn.execute("INSERT INTO jobs (body, visible_at, created_at) VALUES (?1, ?2, ?2)", params![body, now])
+            let inserted = conn
+                .execute("INSERT OR IGNORE INTO sends (enrollment_id, step, claimed_at) VALUES (?1, ?2, ?3)", params![id, step, at])
                 .map_err(db_error)?;
-            Ok(())
+            if inserted == 1 {
+                return Ok(Claim::Won);
+            }
+            let since: String = conn
+                .query_row("SELECT claimed_at FROM sends WHERE enrollment_id = ?1 AND step = ?2", params![id, step], |r| r.get(0))
+                .map_err(db_error)?;
+            Ok(Claim::Held { since: super::record::parse_rfc3339(&since)? })
         })
         .await
+    }
+
+    async fn release_send(&self, enrollment: EnrollmentId, step: u32) -> Result<(), StoreError> {
+        let id = enrollment.to_string();
+        self.call(move |conn| {
+            conn.execute("DELETE FROM sends WHERE enrollment_id = ?1 AND step = ?2", params![id, step]).map(drop).map_err(db_error)
+        })
+        .await
+    }
+}
+
+/// The outbox mailer: stores each email in the embedded store instead of sending it
+/// (`cadenhq outbox list` shows them). The default for `cadenhq serve`.
+#[async_trait]
+impl Mailer for SqliteStore {
+    async fn send(&self, email: &OutgoingEmail) -> Result<(), MailError> {
+        let doc = serde_json::to_string(email).map_err(|e| MailError::Transient(Box::new(e)))?;
+        let now = rfc3339(OffsetDateTime::now_utc());
+        self.call(move |conn| {
+            conn.execute("INSERT INTO outbox (queued_at, doc) VALUES (?1, ?2)", params![now, doc]).map(drop).map_err(db_error)
+        })
+        .await
+        .map_err(|e| MailError::Transient(Box::new(e)))
     }
 }
 

@@ -1,9 +1,10 @@
 //! Campaigns: an ordered list of email steps, each sent a delay after the previous one.
 //! Defined by a JSON file given to `cadenhq campaigns create` (format in the README).
 
-use time::OffsetDateTime;
+use minijinja::{Environment, UndefinedBehavior, Value};
+use time::{Duration, OffsetDateTime};
 
-use super::{AccountId, CampaignId};
+use super::{AccountId, CampaignId, Prospect, TEXT_FIELDS};
 
 /// Upper bounds that keep a definition sane.
 const MAX_STEPS: usize = 50;
@@ -26,6 +27,78 @@ pub struct Step {
     pub delay_seconds: u64,
     pub subject: String,
     pub body: String,
+}
+
+/// A step's email with the prospect's fields filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedEmail {
+    pub subject: String,
+    pub text_body: String,
+    pub html_body: String,
+}
+
+/// The template environment: variables that are missing render empty (also nested ones such
+/// as `{{ metadata.company.name }}`), so a missing field never fails a send.
+fn template_env() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Chainable);
+    env
+}
+
+fn html_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#x27;"),
+            '\n' => out.push_str("<br>\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl Step {
+    /// Renders this step for a prospect. Variables: `email`, `external_id`, every text field
+    /// (`first_name`, `display_name`, ... see [`TEXT_FIELDS`]), `metadata` (an object: use
+    /// `{{ metadata.plan }}`), `unsubscribe_url`. The subject and text body carry values as
+    /// they are; the HTML body is the text body HTML-escaped, followed by the unsubscribe link.
+    ///
+    /// # Errors
+    /// [`CampaignError::Invalid`] if a template fails at render time (its syntax was checked
+    /// when the campaign was created, so this is rare: e.g. a filter applied to a wrong type).
+    pub fn render(&self, prospect: &Prospect, unsubscribe_url: &str) -> Result<RenderedEmail, CampaignError> {
+        let mut ctx = std::collections::BTreeMap::<&str, Value>::new();
+        for name in TEXT_FIELDS {
+            if let Some(v) = prospect.fields.get(name) {
+                ctx.insert(name, Value::from(v.as_str()));
+            }
+        }
+        ctx.insert("email", Value::from(prospect.email.original()));
+        if let Some(ext) = &prospect.external_id {
+            ctx.insert("external_id", Value::from(ext.as_str()));
+        }
+        ctx.insert("metadata", Value::from_serialize(&prospect.metadata));
+        ctx.insert("unsubscribe_url", Value::from(unsubscribe_url));
+        let env = template_env();
+        let render = |source: &str| {
+            env.render_str(source, &ctx).map_err(|e| CampaignError::Invalid(format!("template failed to render: {e}")))
+        };
+        let subject = render(&self.subject)?.replace(['\r', '\n'], " ");
+        let body = render(&self.body)?;
+        Ok(RenderedEmail {
+            subject,
+            text_body: format!("{body}\n\n--\nUnsubscribe: {unsubscribe_url}\n"),
+            html_body: format!(
+                "<!DOCTYPE html><html><body><p>{}</p><hr><p><a href=\"{}\">Unsubscribe</a></p></body></html>",
+                html_escape(&body),
+                html_escape(unsubscribe_url)
+            ),
+        })
+    }
 }
 
 /// The campaign file as written by a person.
@@ -60,6 +133,11 @@ impl CampaignDefinition {
             if step.subject.len() + step.body.len() > MAX_TEMPLATE_CHARS {
                 return Err(CampaignError::Invalid(format!("step {n}: templates are too long")));
             }
+            let env = template_env();
+            for (what, source) in [("subject", &step.subject), ("body", &step.body)] {
+                env.template_from_str(source)
+                    .map_err(|e| CampaignError::Invalid(format!("step {n}: {what} is not a valid template: {e}")))?;
+            }
         }
         Ok(def)
     }
@@ -83,6 +161,22 @@ impl Campaign {
         Self { id: CampaignId::new(), account_id, name: def.name, active: true, steps: def.steps, created_at: now }
     }
 
+    /// When step `step` of an enrollment made at `enrolled_at` is due: after the delays of
+    /// steps `0..=step`. `None` past the last step.
+    #[must_use]
+    pub fn due_at(&self, enrolled_at: OffsetDateTime, step: u32) -> Option<OffsetDateTime> {
+        let last = usize::try_from(step).ok()?;
+        let steps = self.steps.get(..=last)?;
+        let seconds: u64 = steps.iter().map(|s| s.delay_seconds).sum();
+        Some(enrolled_at + Duration::seconds(i64::try_from(seconds).ok()?))
+    }
+
+    /// Whether `step` is the campaign's last step.
+    #[must_use]
+    pub fn is_last_step(&self, step: u32) -> bool {
+        usize::try_from(step).is_ok_and(|s| s + 1 >= self.steps.len())
+    }
+
     /// Whether a key of `account` may enroll prospects in this campaign.
     #[must_use]
     pub fn is_usable_by(&self, account: AccountId) -> bool {
@@ -101,6 +195,50 @@ mod tests {
         )
         .unwrap();
         assert_eq!(def.steps.len(), 1);
+    }
+
+    #[test]
+    fn a_template_with_bad_syntax_is_refused_at_creation() {
+        let r = CampaignDefinition::parse(r#"{"name":"x","steps":[{"delay_seconds":0,"subject":"{{ oops","body":"b"}]}"#);
+        assert!(matches!(r, Err(CampaignError::Invalid(_))), "{r:?}");
+    }
+
+    fn prospect() -> Prospect {
+        let email = crate::domain::NormalizedEmail::parse("Jo@Example.com").unwrap();
+        let mut p = Prospect::new(AccountId::new(), email, OffsetDateTime::UNIX_EPOCH);
+        p.fields.insert("first_name".into(), "<Jo & Co>".into());
+        p.metadata.insert("plan".into(), serde_json::json!("pro"));
+        p
+    }
+
+    #[test]
+    fn fields_render_and_missing_ones_render_empty() {
+        let step = Step { delay_seconds: 0, subject: "Hi {{first_name}}{{last_name}}".into(), body: "Plan {{ metadata.plan }}{{ metadata.company.name }}, {{ email }}".into() };
+        let email = step.render(&prospect(), "https://x/unsubscribe/t").unwrap();
+        assert_eq!(email.subject, "Hi <Jo & Co>");
+        assert!(email.text_body.starts_with("Plan pro, Jo@Example.com"));
+        assert!(email.text_body.contains("https://x/unsubscribe/t"));
+    }
+
+    #[test]
+    fn html_body_escapes_prospect_values_and_links_the_unsubscribe_url() {
+        let step = Step { delay_seconds: 0, subject: "s".into(), body: "Hello {{first_name}}".into() };
+        let email = step.render(&prospect(), "https://x/unsubscribe/t").unwrap();
+        assert!(email.html_body.contains("Hello &lt;Jo &amp; Co&gt;"), "{}", email.html_body);
+        assert!(email.html_body.contains(r#"<a href="https://x/unsubscribe/t">"#));
+    }
+
+    #[test]
+    fn steps_are_due_after_the_sum_of_their_delays() {
+        let def = CampaignDefinition::parse(
+            r#"{"name":"x","steps":[{"delay_seconds":0,"subject":"a","body":"a"},{"delay_seconds":60,"subject":"b","body":"b"},{"delay_seconds":86400,"subject":"c","body":"c"}]}"#,
+        ).unwrap();
+        let c = Campaign::new(AccountId::new(), def, OffsetDateTime::UNIX_EPOCH);
+        let t0 = OffsetDateTime::UNIX_EPOCH;
+        assert_eq!(c.due_at(t0, 0), Some(t0));
+        assert_eq!(c.due_at(t0, 2), Some(t0 + Duration::seconds(86_460)));
+        assert_eq!(c.due_at(t0, 3), None);
+        assert!(c.is_last_step(2) && !c.is_last_step(1));
     }
 
     #[test]

@@ -21,9 +21,16 @@ pub struct CampaignJob {
     /// Zero-based index of the step to send. Its due time is the enrollment time plus the
     /// delays of steps `0..=step`, computed by the scheduler from the campaign.
     pub step: u32,
-    /// When the job was published: the scheduler's clock for the orphan grace period.
+    /// When the enrollment's first job was published: the scheduler's clock for the grace
+    /// period in which a job may arrive before its enrollment is visible.
     #[serde(with = "time::serde::rfc3339")]
     pub published_at: OffsetDateTime,
+    /// How many times sending this step failed transiently so far.
+    #[serde(default)]
+    pub attempt: u32,
+    /// After a transient failure: not to be sent before this (the retry's backoff).
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<OffsetDateTime>,
 }
 
 impl CampaignJob {

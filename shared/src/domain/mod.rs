@@ -7,8 +7,10 @@ mod ids;
 mod job;
 mod key;
 mod prospect;
+mod unsubscribe;
 
-pub use campaign::{Campaign, CampaignDefinition, CampaignError, Step};
+pub use campaign::{Campaign, CampaignDefinition, CampaignError, RenderedEmail, Step};
+pub use unsubscribe::{InvalidToken, UnsubscribeSecret, WeakSecret};
 pub use email::{EmailError, NormalizedEmail};
 pub use ids::{AccountId, CampaignId, EnrollmentId, IdError, KeyId, ProspectId};
 pub use job::CampaignJob;

@@ -57,6 +57,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::Unauthorized => Self::Unauthorized,
             ServiceError::NotFound => Self::ProspectNotFound,
             ServiceError::Invalid(errors) => Self::Unprocessable(errors),
+            ServiceError::InvalidToken => Self::BadRequest("Invalid unsubscribe link".into()),
             ServiceError::Unavailable(source) => Self::Unavailable(Box::new(source)),
             ServiceError::Internal(source) => Self::Internal(Box::new(source)),
         }

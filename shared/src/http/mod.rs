@@ -3,6 +3,7 @@
 
 mod error;
 mod request;
+mod unsubscribe;
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 pub const PROSPECTS_PATH: &str = "/api/v1/prospects";
 pub const PROSPECT_BY_ID_PATH: &str = "/api/v1/prospects/{prospect_id}";
 pub const PROSPECT_BY_EXTERNAL_ID_PATH: &str = "/api/v1/prospects/external/{*external_id}";
+pub const UNSUBSCRIBE_PATH: &str = "/unsubscribe/{token}";
 
 /// Which routes a router serves: a Lambda function serves only its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +43,8 @@ pub enum Routes {
     Upsert,
     /// Both PATCH routes.
     Status,
+    /// `GET` and `POST /unsubscribe/{token}` (no API key: the token is the credential).
+    Unsubscribe,
 }
 
 /// The router for `routes`, with the JSON fallbacks, body limit and panic guard.
@@ -54,6 +58,12 @@ pub fn router(service: ProspectService, routes: Routes) -> Router {
             .route(PROSPECT_BY_ID_PATH, patch(patch_by_id))
             .route(PROSPECT_BY_EXTERNAL_ID_PATH, patch(patch_by_external_id));
     }
+    if matches!(routes, Routes::All | Routes::Unsubscribe) {
+        router = router.route(
+            UNSUBSCRIBE_PATH,
+            axum::routing::get(unsubscribe::confirmation_page).post(unsubscribe::unsubscribe),
+        );
+    }
     router
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -65,7 +75,7 @@ pub fn router(service: ProspectService, routes: Routes) -> Router {
         .with_state(Arc::new(service))
 }
 
-type AppState = Arc<ProspectService>;
+pub(crate) type AppState = Arc<ProspectService>;
 
 /// The account of the request's API key.
 struct Authenticated(AccountId);

@@ -1,0 +1,36 @@
+//! Lambda function: the campaign scheduler, consuming campaign jobs from SQS and sending
+//! each step's email through Amazon SES.
+
+use std::sync::Arc;
+
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use lambda_runtime::{service_fn, LambdaEvent};
+use shared::adapters::{dynamodb::DynamoStore, ses::SesMailer, sqs::SqsQueue};
+use shared::config::{aws_sdk_config, unsubscribe_secret_from_aws, DeliveryConfig, QueueConfig, TableConfig};
+use shared::domain::SystemClock;
+use shared::scheduler::{handle_sqs_batch, DeliverySettings, Scheduler, SchedulerPorts};
+use shared::telemetry::{init, LogFormat};
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    init(LogFormat::Json);
+    let (table, queue, delivery) = (TableConfig::from_env()?, QueueConfig::from_env()?, DeliveryConfig::from_env()?);
+    let aws = aws_sdk_config().await;
+    let unsubscribe_secret = unsubscribe_secret_from_aws(&aws).await?;
+    let store = Arc::new(DynamoStore::new(aws_sdk_dynamodb::Client::new(&aws), table.table_name));
+    let ports = SchedulerPorts {
+        repo: store.clone(),
+        campaigns: store.clone(),
+        sends: store,
+        queue: Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(&aws), queue.queue_url)),
+        mailer: Arc::new(SesMailer::new(aws_sdk_sesv2::Client::new(&aws))),
+        clock: Arc::new(SystemClock),
+    };
+    let settings = DeliverySettings { sender: delivery.sender, public_url: delivery.public_url, unsubscribe_secret };
+    let scheduler = Arc::new(Scheduler::new(ports, settings));
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {
+        let scheduler = Arc::clone(&scheduler);
+        async move { Ok::<SqsBatchResponse, lambda_runtime::Error>(handle_sqs_batch(&scheduler, event.payload).await) }
+    }))
+    .await
+}
