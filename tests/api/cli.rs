@@ -174,11 +174,29 @@ async fn serve_prints_a_working_key_on_first_start_and_keeps_data_across_restart
     let response = http
         .post(format!("{url}/api/v1/prospects"))
         .header("X-CadenHQ-Key", &key)
-        .json(&json!({"email": "first@example.com", "external_id": "ext-1"}))
+        .json(&json!({"email": "first@example.com", "external_id": "ext-1", "first_name": "Jane"}))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 201);
+
+    // The in-process scheduler sends step 1 of the demo campaign to the outbox.
+    let mut emails = Value::Null;
+    for _ in 0..50 {
+        emails = json_of(&cadenhq(dir.path(), &["outbox", "list", "--json"]));
+        if emails["emails"].as_array().is_some_and(|e| !e.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let email = &emails["emails"][0];
+    assert_eq!(email["to"], "first@example.com");
+    assert_eq!(email["subject"], "Welcome, Jane!");
+    let unsubscribe = str_of(email, "unsubscribe_url");
+    assert!(unsubscribe.starts_with(&format!("{url}/unsubscribe/")), "{unsubscribe}");
+    assert!(str_of(email, "text_body").contains(unsubscribe));
+    let text = String::from_utf8(cadenhq(dir.path(), &["outbox", "list"]).stdout).unwrap();
+    assert!(text.contains("Welcome, Jane!"), "{text}");
     interrupt_and_wait(child);
 
     let (child, url, printed) = start_server(dir.path());

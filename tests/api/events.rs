@@ -1,5 +1,6 @@
-//! Every API Gateway event in `events/` (the payloads `sam local invoke -e` takes) run through
-//! the router of the function that owns its route, as `lambda_http` hands it over in Lambda.
+//! Every event in `events/` (the payloads `sam local invoke -e` takes) through the handler of
+//! the function that owns it: API Gateway events through that function's router as
+//! `lambda_http` hands them over, SQS events through the scheduler's batch handler.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,14 +10,18 @@ use shared::adapters::sqlite::SqliteStore;
 use shared::admin;
 use shared::backend::Backend;
 use shared::domain::{ApiKey, ApiKeyRecord, CampaignDefinition, SystemClock};
+use aws_lambda_events::event::sqs::SqsEvent;
 use shared::http::{router, Routes};
+use shared::scheduler::{handle_sqs_batch, DeliverySettings, Scheduler};
 use tower::ServiceExt;
+
+use crate::helpers::{test_secret, RecordingMailer};
 
 /// The key the events carry; seeded into the store by this test only.
 const EVENTS_KEY: &str = "chq_0000000000000000000000000000000000000000000e7e47";
 
 /// Each event, in the order they run against one store, with the status it must get.
-const EXPECTED: [(&str, u16); 14] = [
+const EXPECTED: [(&str, u16); 16] = [
     ("post-prospect-created", 201),
     ("post-prospect-updated", 200),
     ("post-prospect-missing-email", 400),
@@ -31,7 +36,15 @@ const EXPECTED: [(&str, u16); 14] = [
     ("patch-prospect-malformed-id", 404),
     ("patch-prospect-invalid-status", 400),
     ("patch-prospect-missing-key", 401),
+    ("unsubscribe-page-invalid-token", 400),
+    ("unsubscribe-one-click-invalid-token", 400),
 ];
+
+/// SQS events for the scheduler, with the message ids it must report failed.
+const SQS_EVENTS: [(&str, &[&str]); 1] = [(
+    "scheduler-batch-with-poison",
+    &["3c9a2e10-6f4b-4d8e-9a1c-0b2d4f6e8a02", "3c9a2e10-6f4b-4d8e-9a1c-0b2d4f6e8a03"],
+)];
 
 fn events_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../events"))
@@ -44,7 +57,8 @@ fn every_event_file_has_an_expected_outcome() {
         .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".json").map(str::to_owned))
         .collect();
     files.sort();
-    let mut listed: Vec<String> = EXPECTED.iter().map(|(name, _)| (*name).to_owned()).collect();
+    let mut listed: Vec<String> =
+        EXPECTED.iter().map(|(name, _)| (*name).to_owned()).chain(SQS_EVENTS.iter().map(|(name, _)| (*name).to_owned())).collect();
     listed.sort();
     assert_eq!(files, listed);
 }
@@ -59,20 +73,32 @@ async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers
     backend.admin.create_key(&ApiKeyRecord::new(&key, account.id, None, time::OffsetDateTime::now_utc())).await.unwrap();
     let campaign = CampaignDefinition::parse(crate::helpers::CAMPAIGN_FILE).unwrap();
     admin::create_campaign(backend.admin.as_ref(), account.id, campaign, true, &SystemClock).await.unwrap();
-    let service = backend.service(Arc::new(SystemClock));
+    let service = backend.service(Arc::new(SystemClock)).with_unsubscribe_secret(test_secret());
     let post_function = router(service.clone(), Routes::Upsert);
-    let patch_function = router(service, Routes::Status);
+    let patch_function = router(service.clone(), Routes::Status);
+    let unsubscribe_function = router(service, Routes::Unsubscribe);
 
     for (name, expected) in EXPECTED {
         let raw = std::fs::read_to_string(events_dir().join(format!("{name}.json"))).unwrap();
         let request = lambda_http::request::from_str(&raw).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let function = if request.method() == "POST" { &post_function } else { &patch_function };
+        let function = if request.uri().path().starts_with("/unsubscribe/") {
+            &unsubscribe_function
+        } else if request.method() == "POST" {
+            &post_function
+        } else {
+            &patch_function
+        };
 
         let response = function.clone().oneshot(request).await.unwrap();
 
         assert_eq!(response.status().as_u16(), expected, "{name}");
-        assert_eq!(response.headers()["content-type"], "application/json", "{name}");
+        let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        if content_type.starts_with("text/html") {
+            assert!(name.starts_with("unsubscribe-page"), "{name}: only the unsubscribe page is HTML");
+            continue;
+        }
+        assert_eq!(content_type, "application/json", "{name}");
         let body: Value = serde_json::from_slice(&bytes).unwrap();
         match expected {
             200 | 201 => assert_eq!(body["accepted"], true, "{name}: {body}"),
@@ -82,4 +108,28 @@ async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers
     }
     let jobs = store.queued_jobs().await.unwrap();
     assert_eq!(jobs.len(), 1, "one enrollment, one job");
+}
+
+#[tokio::test]
+async fn sqs_events_report_exactly_their_bad_messages_from_the_scheduler_handler() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let backend = Backend::from_embedded(&store);
+    let mailer = Arc::new(RecordingMailer::default());
+    let ports = backend.scheduler_ports(mailer.clone(), Arc::new(SystemClock)).unwrap();
+    let settings = DeliverySettings { sender: "a@example.com".into(), public_url: "http://x".into(), unsubscribe_secret: test_secret() };
+    let scheduler = Scheduler::new(ports, settings);
+
+    for (name, bad_ids) in SQS_EVENTS {
+        let raw = std::fs::read_to_string(events_dir().join(format!("{name}.json"))).unwrap();
+        let event: SqsEvent = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{name}: {e}"));
+
+        let response = handle_sqs_batch(&scheduler, event).await;
+
+        let failed: Vec<&str> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
+        assert_eq!(failed, bad_ids, "{name}");
+        let wire = serde_json::to_value(&response).unwrap();
+        assert!(wire["batchItemFailures"].is_array(), "{name}: the Lambda response shape");
+    }
+    assert!(mailer.sent().is_empty());
 }

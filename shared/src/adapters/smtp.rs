@@ -23,8 +23,8 @@ const ONE_CLICK: &str = "List-Unsubscribe=One-Click";
 /// Why an [`SmtpMailer`] could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum SmtpConfigError {
-    #[error("invalid SMTP URL (expected smtp://host:port, smtps://user:pass@host or smtp://host:port?tls=required)")]
-    InvalidUrl(#[source] lettre::transport::smtp::Error),
+    #[error("invalid SMTP URL: {0} (expected smtp://host:port, smtps://user:pass@host or smtp://host:port?tls=required)")]
+    InvalidUrl(lettre::transport::smtp::Error),
     #[error("the SMTP mailer must be built inside a Tokio runtime")]
     NoRuntime,
 }
@@ -61,11 +61,11 @@ impl SmtpMailer {
 impl Mailer for SmtpMailer {
     async fn send(&self, email: &OutgoingEmail) -> Result<(), MailError> {
         let message = build_message(email)?;
-        self.transport.send(message).await.map(drop).map_err(classify)
+        self.transport.send(message).await.map(drop).map_err(|e| classify(&e))
     }
 }
 
-fn classify(error: lettre::transport::smtp::Error) -> MailError {
+fn classify(error: &lettre::transport::smtp::Error) -> MailError {
     let failure = ProviderFailure::new(&error.to_string());
     match error.status() {
         Some(code)
