@@ -88,6 +88,7 @@ pub async fn serve(backend: Backend, data_dir: &Path, addr: SocketAddr, public_u
         service = service.with_unsubscribe_secret(secret.clone());
         let ports = backend.scheduler_ports(mailer(store)?, Arc::new(SystemClock)).ok_or_else(|| usage("the embedded store has no queue"))?;
         let sender = std::env::var(SENDER).unwrap_or_else(|_| DEFAULT_SENDER.to_owned());
+        shared::adapters::smtp::validate_sender(&sender).map_err(usage)?;
         let scheduler = Scheduler::new(ports, DeliverySettings { sender, public_url: public_url.clone(), unsubscribe_secret: secret });
         scheduler_task = Some(tokio::spawn(run_scheduler(scheduler, store.clone(), stop_rx.clone())));
     }

@@ -46,9 +46,11 @@ pub struct DeliveryConfig {
 
 impl DeliveryConfig {
     /// # Errors
-    /// [`ConfigError`] naming [`SENDER`] or [`PUBLIC_URL`] when unset.
+    /// [`ConfigError`] naming [`SENDER`] or [`PUBLIC_URL`] when unset, or for an invalid sender.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Ok(Self { sender: required(SENDER)?, public_url: required(PUBLIC_URL)? })
+        let sender = required(SENDER)?;
+        crate::adapters::smtp::validate_sender(&sender).map_err(ConfigError::Invalid)?;
+        Ok(Self { sender, public_url: required(PUBLIC_URL)? })
     }
 }
 

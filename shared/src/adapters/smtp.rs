@@ -82,14 +82,25 @@ fn classify(error: &lettre::transport::smtp::Error) -> MailError {
 /// plain-text part first and the HTML part last.
 ///
 /// # Errors
-/// [`MailError::Rejected`] when `to` or `from` is not an email address;
-/// [`MailError::Transient`] when the unsubscribe URL is not a plain ASCII URL (a bug upstream:
+/// [`MailError::Rejected`] when `to` is not an email address; [`MailError::Transient`] when
+/// `from` is not one (a configuration problem: the job is retried and dead-lettered rather than
+/// the prospect marked bounced; [`validate_sender`] catches it at start-up) or when the unsubscribe URL is not a plain ASCII URL (a bug upstream:
 /// the job is retried and dead-lettered rather than the prospect marked bounced).
+/// Checks a configured sender (`From:`) address, so a typo fails at start-up.
+///
+/// # Errors
+/// A message naming the problem.
+pub fn validate_sender(sender: &str) -> Result<(), String> {
+    sender.parse::<Mailbox>().map(drop).map_err(|e| format!("the sender address {sender:?} is invalid: {e}"))
+}
+
 pub(crate) fn build_message(email: &OutgoingEmail) -> Result<Message, MailError> {
     let to: Mailbox =
         email.to.parse().map_err(|e| MailError::Rejected(format!("invalid recipient address: {e}")))?;
-    let from: Mailbox =
-        email.from.parse().map_err(|e| MailError::Rejected(format!("invalid sender address: {e}")))?;
+    let from: Mailbox = email
+        .from
+        .parse()
+        .map_err(|e| MailError::Transient(Box::new(ProviderFailure::new(&format!("invalid sender address: {e}")))))?;
     let url = &email.unsubscribe_url;
     if url.is_empty() || !url.bytes().all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>') {
         return Err(MailError::Transient(Box::new(ProviderFailure::new(
@@ -202,10 +213,12 @@ mod tests {
     }
 
     #[test]
-    fn invalid_sender_is_rejected() {
+    fn invalid_sender_is_a_transient_configuration_failure_not_a_bounce() {
         let result = build_message(&OutgoingEmail { from: "cadenhq.test".into(), ..email() });
 
-        assert!(matches!(result, Err(MailError::Rejected(m)) if m.contains("sender")));
+        assert!(matches!(result, Err(MailError::Transient(e)) if e.to_string().contains("sender")));
+        assert!(validate_sender("cadenhq.test").is_err());
+        assert!(validate_sender("Acme <hello@acme.example>").is_ok());
     }
 
     #[test]
