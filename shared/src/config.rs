@@ -45,6 +45,9 @@ pub struct DeliveryConfig {
 }
 
 impl DeliveryConfig {
+    /// The variables [`DeliveryConfig::from_env`] reads.
+    pub const VARS: &'static [&'static str] = &[SENDER, PUBLIC_URL];
+
     /// # Errors
     /// [`ConfigError`] naming [`SENDER`] or [`PUBLIC_URL`] when unset, or for an invalid sender.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -53,6 +56,9 @@ impl DeliveryConfig {
         Ok(Self { sender, public_url: required(PUBLIC_URL)? })
     }
 }
+
+/// The variables [`unsubscribe_secret_from_aws`] reads.
+pub const UNSUBSCRIBE_SECRET_FROM_AWS_VARS: &[&str] = &[UNSUBSCRIBE_SECRET_ARN];
 
 /// Reads the unsubscribe signing secret from Secrets Manager, once per cold start; the ARN
 /// comes from [`UNSUBSCRIBE_SECRET_ARN`].
@@ -78,6 +84,9 @@ pub struct TableConfig {
 }
 
 impl TableConfig {
+    /// The variables [`TableConfig::from_env`] reads.
+    pub const VARS: &'static [&'static str] = &[TABLE_NAME];
+
     /// # Errors
     /// [`ConfigError`] naming [`TABLE_NAME`] when it is unset.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -92,6 +101,9 @@ pub struct QueueConfig {
 }
 
 impl QueueConfig {
+    /// The variables [`QueueConfig::from_env`] reads.
+    pub const VARS: &'static [&'static str] = &[QUEUE_URL];
+
     /// # Errors
     /// [`ConfigError`] naming [`QUEUE_URL`] when it is unset.
     pub fn from_env() -> Result<Self, ConfigError> {

@@ -2,8 +2,11 @@
 //! `cadenhq serve` through a TCP listener. Request DTOs are parsed into domain commands here.
 
 mod error;
+mod openapi;
 mod request;
 mod unsubscribe;
+
+pub use openapi::OPENAPI_JSON;
 
 use std::sync::Arc;
 
@@ -33,6 +36,7 @@ pub const PROSPECTS_PATH: &str = "/api/v1/prospects";
 pub const PROSPECT_BY_ID_PATH: &str = "/api/v1/prospects/{prospect_id}";
 pub const PROSPECT_BY_EXTERNAL_ID_PATH: &str = "/api/v1/prospects/external/{*external_id}";
 pub const UNSUBSCRIBE_PATH: &str = "/unsubscribe/{token}";
+pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 
 /// Which routes a router serves: a Lambda function serves only its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +61,9 @@ pub fn router(service: ProspectService, routes: Routes) -> Router {
         router = router
             .route(PROSPECT_BY_ID_PATH, patch(patch_by_id))
             .route(PROSPECT_BY_EXTERNAL_ID_PATH, patch(patch_by_external_id));
+    }
+    if routes == Routes::All {
+        router = router.route(OPENAPI_PATH, axum::routing::get(openapi::document));
     }
     if matches!(routes, Routes::All | Routes::Unsubscribe) {
         router = router.route(
