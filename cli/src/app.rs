@@ -21,6 +21,8 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Invoke(#[from] crate::invoke::InvokeError),
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -63,11 +65,15 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 /// # Errors
 /// [`AppError`] describing what went wrong, for a one-line message.
 pub async fn run(cli: Cli) -> Result<(), AppError> {
+    if let Command::Invoke(args) = &cli.command {
+        return Ok(crate::invoke::run(args, cli.json).await?);
+    }
     let backend = open_backend(&cli).await?;
     let clock = SystemClock;
     let store = backend.admin.as_ref();
     let j = cli.json;
     match cli.command {
+        Command::Invoke(_) => unreachable!("handled before a backend is opened"),
         Command::Serve { addr, public_url } => serve(backend, &cli.data_dir, addr, public_url).await?,
         Command::Outbox(OutboxCommand::List) => {
             let BackendKind::Embedded = cli.backend else {

@@ -55,6 +55,41 @@ pub enum Command {
     /// Campaign emails stored by the embedded server's outbox mailer.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Run a Lambda function binary on this machine: play the Lambda Runtime API, feed it
+    /// event files in order, print each response.
+    Invoke(InvokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InvokeArgs {
+    /// The function's executable (what `bootstrap` is on Lambda), e.g. target/debug/prospects-post.
+    #[arg(long)]
+    pub function: PathBuf,
+    /// An event file; repeat to invoke the same process once per file, in order.
+    #[arg(long = "event", required = true)]
+    pub events: Vec<PathBuf>,
+    /// A SAM template whose `Environment.Variables` the function gets.
+    #[arg(long, requires = "logical_id")]
+    pub env_from_template: Option<PathBuf>,
+    /// The function's logical id in the template, e.g. ProspectsPostFunction.
+    #[arg(long, requires = "env_from_template")]
+    pub logical_id: Option<String>,
+    /// A variable for the function, added or overriding the template's; repeatable.
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Start the function this many times, each fed every event (for init time medians).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
+    /// Seconds the function gets to poll, and to answer each event.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+}
+
+fn parse_env(raw: &str) -> Result<(String, String), String> {
+    match raw.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("expected NAME=VALUE, got {raw:?}")),
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,6 +2,7 @@
 
 mod app;
 mod args;
+mod invoke;
 mod serve;
 
 use std::process::ExitCode;

@@ -4,13 +4,20 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::adapters::dynamodb::DynamoStore;
+use crate::adapters::dynamodb::{DynamoRateLimiter, DynamoStore};
+use crate::adapters::local_rate_limit::LocalRateLimiter;
 use crate::adapters::sqlite::SqliteStore;
 use crate::adapters::sqs::SqsQueue;
 use crate::domain::Clock;
-use crate::ports::{AdminStore, JobQueue, KeyStore, Mailer, ProspectRepository, SendLog, StoreError};
+use crate::ports::{
+    AdminStore, IdempotencyStore, JobQueue, KeyStore, Mailer, ProspectRepository, RateLimiter, SendLog, StoreError,
+};
 use crate::scheduler::SchedulerPorts;
-use crate::service::ProspectService;
+use crate::service::{ProspectService, ServicePorts};
+
+/// How long a Lambda instance trusts a key it looked up: a revoked key stops working within
+/// this time (promised: within 60 seconds).
+pub const LAMBDA_KEY_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The ports of one backend.
 #[derive(Clone)]
@@ -19,6 +26,9 @@ pub struct Backend {
     pub keys: Arc<dyn KeyStore>,
     pub admin: Arc<dyn AdminStore>,
     pub sends: Arc<dyn SendLog>,
+    pub idempotency: Arc<dyn IdempotencyStore>,
+    pub limiter: Arc<dyn RateLimiter>,
+    pub key_cache_ttl: std::time::Duration,
     pub queue: Option<Arc<dyn JobQueue>>,
     /// The embedded store itself, when this is the embedded backend (its queue, send log and
     /// outbox serve the in-process scheduler).
@@ -43,6 +53,9 @@ impl Backend {
             keys: Arc::new(store.clone()),
             admin: Arc::new(store.clone()),
             sends: Arc::new(store.clone()),
+            idempotency: Arc::new(store.clone()),
+            limiter: Arc::new(LocalRateLimiter::default()),
+            key_cache_ttl: std::time::Duration::ZERO,
             queue: Some(Arc::new(store.clone())),
             embedded: Some(store.clone()),
         }
@@ -51,13 +64,17 @@ impl Backend {
     /// The AWS backend: DynamoDB `table` and, if given, the SQS queue at `queue_url`.
     #[must_use]
     pub fn aws(sdk: &aws_config::SdkConfig, table: &str, queue_url: Option<&str>) -> Self {
-        let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(sdk), table);
+        let client = aws_sdk_dynamodb::Client::new(sdk);
+        let store = DynamoStore::new(client.clone(), table);
         let queue = queue_url.map(|url| Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(sdk), url)) as Arc<dyn JobQueue>);
         Self {
             repo: Arc::new(store.clone()),
             keys: Arc::new(store.clone()),
             admin: Arc::new(store.clone()),
-            sends: Arc::new(store),
+            sends: Arc::new(store.clone()),
+            idempotency: Arc::new(store),
+            limiter: Arc::new(DynamoRateLimiter::new(client, table)),
+            key_cache_ttl: LAMBDA_KEY_CACHE_TTL,
             queue,
             embedded: None,
         }
@@ -80,6 +97,14 @@ impl Backend {
     /// The prospects service over this backend.
     #[must_use]
     pub fn service(&self, clock: Arc<dyn Clock>) -> ProspectService {
-        ProspectService::new(Arc::clone(&self.repo), self.queue.clone(), Arc::clone(&self.keys), clock)
+        ProspectService::new(ServicePorts {
+            repo: Arc::clone(&self.repo),
+            queue: self.queue.clone(),
+            keys: Arc::clone(&self.keys),
+            idempotency: Arc::clone(&self.idempotency),
+            limiter: Arc::clone(&self.limiter),
+            clock,
+            key_cache_ttl: self.key_cache_ttl,
+        })
     }
 }

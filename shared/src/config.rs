@@ -111,7 +111,27 @@ impl QueueConfig {
     }
 }
 
-/// The AWS SDK configuration from the standard environment, loaded once per process.
+/// Each AWS call: at most 3 attempts (standard retry mode: throttling and 5xx are retried
+/// with jittered exponential backoff from 50 ms), each attempt at most 2 s, the whole call at
+/// most 5 s, connecting at most 1 s. A request makes a few calls in sequence, so it ends well
+/// within the functions' 10 s timeout and API Gateway's 30 s; when AWS stays unavailable the
+/// client gets 503 with `Retry-After`.
+pub const AWS_MAX_ATTEMPTS: u32 = 3;
+const AWS_INITIAL_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+const AWS_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+const AWS_OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const AWS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The AWS SDK configuration from the standard environment (region, credentials,
+/// `AWS_ENDPOINT_URL`), with the retry and timeout settings above; loaded once per process.
 pub async fn aws_sdk_config() -> aws_config::SdkConfig {
-    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+    let retry = aws_config::retry::RetryConfig::standard()
+        .with_max_attempts(AWS_MAX_ATTEMPTS)
+        .with_initial_backoff(AWS_INITIAL_BACKOFF);
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(AWS_CONNECT_TIMEOUT)
+        .operation_attempt_timeout(AWS_ATTEMPT_TIMEOUT)
+        .operation_timeout(AWS_OPERATION_TIMEOUT)
+        .build();
+    aws_config::defaults(aws_config::BehaviorVersion::latest()).retry_config(retry).timeout_config(timeouts).load().await
 }

@@ -7,7 +7,8 @@ use time::OffsetDateTime;
 
 use crate::domain::{
     Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, EnrollmentId, ExternalId,
-    KeyHash, KeyId, NormalizedEmail, Prospect, ProspectId, ProspectStatus,
+    IdempotencyBegin, IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectId, ProspectStatus,
+    RateDecision, RateLimit, StoredResponse,
 };
 
 /// A failure of a storage or queue adapter.
@@ -157,6 +158,52 @@ pub trait KeyStore: Send + Sync {
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
     async fn find_key(&self, hash: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError>;
+
+    /// Records that the key was used at `now`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn touch_key(&self, hash: &KeyHash, now: OffsetDateTime) -> Result<(), StoreError>;
+}
+
+/// Responses kept under idempotency keys, per account, for [`crate::domain::IDEMPOTENCY_TTL`].
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync {
+    /// Takes the key for a request identified by `fingerprint`, unless it is held or done:
+    /// one conditional write. A key whose response expired, or whose request has held it past
+    /// [`crate::domain::IN_FLIGHT_LEASE`], is taken afresh.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn begin(
+        &self,
+        account: AccountId,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        now: OffsetDateTime,
+    ) -> Result<IdempotencyBegin, StoreError>;
+
+    /// Keeps the response of the request that holds the key.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn finish(&self, account: AccountId, key: &IdempotencyKey, response: &StoredResponse, now: OffsetDateTime) -> Result<(), StoreError>;
+
+    /// Frees the key after a request failed on our side, so a retry runs again.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn abandon(&self, account: AccountId, key: &IdempotencyKey) -> Result<(), StoreError>;
+}
+
+/// Per-key request rate limiting.
+#[async_trait]
+pub trait RateLimiter: Send + Sync {
+    /// Counts one request of `key` against `limit` and decides.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn check(&self, key: KeyId, limit: RateLimit, now: OffsetDateTime) -> Result<RateDecision, StoreError>;
 }
 
 /// Accounts, keys and campaigns: what the `cadenhq` admin commands manage.
@@ -184,6 +231,12 @@ pub trait AdminStore: Send + Sync {
     /// # Errors
     /// [`StoreError`] on a backend failure.
     async fn list_keys(&self, account: AccountId) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Sets (or with `None` removes) a key's rate-limit override; `false` if there is no such
+    /// key.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn set_rate_limit(&self, id: KeyId, limit: Option<RateLimit>) -> Result<bool, StoreError>;
     /// Stores a campaign, and makes it the account's default if `make_default`.
     ///
     /// # Errors

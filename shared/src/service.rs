@@ -1,21 +1,28 @@
 //! The application service: authentication, the POST upsert and the PATCH status change,
 //! written once against the ports and used by every entry point.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration as StdDuration;
 
-use time::OffsetDateTime;
+use time::{Duration, OffsetDateTime};
 use tracing::{info, instrument};
 
 use crate::domain::{
-    AccountId, ApiKey, CampaignId, CampaignJob, Clock, Enrollment, FieldError, NormalizedEmail,
-    Prospect, ProspectChanges, ProspectId, ProspectStatus, UnsubscribeSecret,
+    AccountId, ApiKey, ApiKeyRecord, CampaignId, CampaignJob, Clock, Enrollment, FieldError, IdempotencyBegin,
+    IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectChanges, ProspectId, ProspectStatus,
+    RateDecision, StoredResponse, UnsubscribeSecret,
 };
-use crate::ports::{Conflict, JobQueue, KeyStore, ProspectRef, ProspectRepository, StoreError};
+use crate::ports::{
+    Conflict, IdempotencyStore, JobQueue, KeyStore, ProspectRef, ProspectRepository, RateLimiter, StoreError,
+};
 
 /// How many times an upsert re-reads after losing a race before giving up with 503.
 const UPSERT_ATTEMPTS: usize = 5;
 /// Longest header value even looked up as a key.
 const KEY_MAX_LEN: usize = 128;
+/// A key's last-used time is written at most this often.
+const TOUCH_INTERVAL: Duration = Duration::minutes(1);
 
 /// Why a request could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +35,8 @@ pub enum ServiceError {
     Invalid(Vec<String>),
     #[error("invalid unsubscribe token")]
     InvalidToken,
+    #[error("rate limited")]
+    RateLimited(RateDecision),
     #[error("storage temporarily unavailable")]
     Unavailable(#[source] StoreError),
     #[error("storage failure")]
@@ -64,27 +73,44 @@ pub struct UpsertOutcome {
     pub created: bool,
 }
 
+/// What the service works through.
+#[derive(Clone)]
+pub struct ServicePorts {
+    pub repo: Arc<dyn ProspectRepository>,
+    /// `None` in a function that never enrolls (PATCH, unsubscribe).
+    pub queue: Option<Arc<dyn JobQueue>>,
+    pub keys: Arc<dyn KeyStore>,
+    pub idempotency: Arc<dyn IdempotencyStore>,
+    pub limiter: Arc<dyn RateLimiter>,
+    pub clock: Arc<dyn Clock>,
+    /// How long a looked-up key is trusted before it is read again: zero on the embedded
+    /// store (a revocation applies at once), under a minute on Lambda (a revocation applies
+    /// within that time, and a warm instance reads each key at most once per period).
+    pub key_cache_ttl: StdDuration,
+}
+
+/// The caller of an API request, once admitted.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub account: AccountId,
+    pub key_id: KeyId,
+    /// The rate-limit state after this request, for the `RateLimit-*` headers.
+    pub rate: RateDecision,
+}
+
 /// The prospects service.
 #[derive(Clone)]
 pub struct ProspectService {
-    repo: Arc<dyn ProspectRepository>,
-    queue: Option<Arc<dyn JobQueue>>,
-    keys: Arc<dyn KeyStore>,
-    clock: Arc<dyn Clock>,
+    ports: ServicePorts,
+    key_cache: Arc<Mutex<HashMap<KeyHash, (ApiKeyRecord, OffsetDateTime)>>>,
     unsubscribe_secret: Option<UnsubscribeSecret>,
 }
 
 impl ProspectService {
-    /// A service over the given ports. One without a queue (the PATCH function's) serves
-    /// status changes; an upsert that would enroll a prospect then fails with a 500.
+    /// A service over the given ports.
     #[must_use]
-    pub fn new(
-        repo: Arc<dyn ProspectRepository>,
-        queue: Option<Arc<dyn JobQueue>>,
-        keys: Arc<dyn KeyStore>,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
-        Self { repo, queue, keys, clock, unsubscribe_secret: None }
+    pub fn new(ports: ServicePorts) -> Self {
+        Self { ports, key_cache: Arc::default(), unsubscribe_secret: None }
     }
 
     /// Enables unsubscribe links signed with `secret`.
@@ -114,17 +140,80 @@ impl ProspectService {
         self.set_status(account, &ProspectRef::Id(prospect), ProspectStatus::Unsubscribed).await
     }
 
-    /// The account a presented key belongs to.
+    /// The stored record of a presented key, through the key cache.
+    async fn key_record(&self, hash: &KeyHash) -> Result<Option<ApiKeyRecord>, ServiceError> {
+        let ttl = self.ports.key_cache_ttl;
+        let now = self.ports.clock.now();
+        if !ttl.is_zero() {
+            let fresh = |(_, at): &&(ApiKeyRecord, OffsetDateTime)| (now - *at).unsigned_abs() < ttl;
+            let cached = self.key_cache.lock().ok().and_then(|c| c.get(hash).filter(fresh).map(|(r, _)| r.clone()));
+            if let Some(record) = cached {
+                return Ok(Some(record));
+            }
+        }
+        let record = self.ports.keys.find_key(hash).await?;
+        if let (Some(r), false) = (&record, ttl.is_zero()) {
+            if let Ok(mut cache) = self.key_cache.lock() {
+                cache.insert(hash.clone(), (r.clone(), now));
+            }
+        }
+        Ok(record)
+    }
+
+    /// Admits an API request: the key must be known and not revoked, and within its rate
+    /// limit. Records the key's last use at most once a minute.
     ///
     /// # Errors
-    /// [`ServiceError::Unauthorized`] for a missing, unknown or revoked key; storage errors.
-    pub async fn authenticate(&self, raw_key: Option<&str>) -> Result<AccountId, ServiceError> {
+    /// [`ServiceError::Unauthorized`] for a missing, unknown or revoked key;
+    /// [`ServiceError::RateLimited`] over the key's limit; storage errors.
+    pub async fn admit(&self, raw_key: Option<&str>) -> Result<Caller, ServiceError> {
         let raw = raw_key.map(str::trim).filter(|k| !k.is_empty() && k.len() <= KEY_MAX_LEN);
         let Some(raw) = raw else { return Err(ServiceError::Unauthorized) };
-        match self.keys.find_key(&ApiKey::from_raw(raw).hash()).await? {
-            Some(record) if record.is_active() => Ok(record.account_id),
-            _ => Err(ServiceError::Unauthorized),
+        let hash = ApiKey::from_raw(raw).hash();
+        let record = match self.key_record(&hash).await? {
+            Some(record) if record.is_active() => record,
+            _ => return Err(ServiceError::Unauthorized),
+        };
+        let now = self.ports.clock.now();
+        if record.last_used_at.is_none_or(|t| now - t >= TOUCH_INTERVAL) {
+            if let Err(e) = self.ports.keys.touch_key(&hash, now).await {
+                tracing::warn!(key_id = %record.key_id, error = %e, "could not record the key's last use");
+            }
+            if let Ok(mut cache) = self.key_cache.lock() {
+                if let Some((cached, _)) = cache.get_mut(&hash) {
+                    cached.last_used_at = Some(now);
+                }
+            }
         }
+        let rate = self.ports.limiter.check(record.key_id, record.effective_rate_limit(), now).await?;
+        if !rate.allowed {
+            return Err(ServiceError::RateLimited(rate));
+        }
+        Ok(Caller { account: record.account_id, key_id: record.key_id, rate })
+    }
+
+    /// Takes an idempotency key for a request (see [`IdempotencyStore::begin`]).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn idempotency_begin(&self, account: AccountId, key: &IdempotencyKey, fingerprint: &str) -> Result<IdempotencyBegin, ServiceError> {
+        Ok(self.ports.idempotency.begin(account, key, fingerprint, self.ports.clock.now()).await?)
+    }
+
+    /// Keeps a finished request's response under its idempotency key.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn idempotency_finish(&self, account: AccountId, key: &IdempotencyKey, response: &StoredResponse) -> Result<(), ServiceError> {
+        Ok(self.ports.idempotency.finish(account, key, response, self.ports.clock.now()).await?)
+    }
+
+    /// Frees an idempotency key after a failure on our side.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn idempotency_abandon(&self, account: AccountId, key: &IdempotencyKey) -> Result<(), ServiceError> {
+        Ok(self.ports.idempotency.abandon(account, key).await?)
     }
 
     /// Creates or updates the prospect keyed by the command's normalized email.
@@ -141,7 +230,7 @@ impl ProspectService {
     #[instrument(skip_all, fields(account_id = %account, prospect_id, email_hash = %cmd.email.key_hash()))]
     pub async fn upsert(&self, account: AccountId, cmd: &UpsertCommand) -> Result<UpsertOutcome, ServiceError> {
         for _ in 0..UPSERT_ATTEMPTS {
-            let ctx = self.repo.upsert_context(account, &cmd.email, cmd.campaign_id).await?;
+            let ctx = self.ports.repo.upsert_context(account, &cmd.email, cmd.campaign_id).await?;
             let requested = match cmd.campaign_id {
                 Some(id) => match &ctx.requested_campaign {
                     Some(c) if c.id == id && c.is_usable_by(account) => Some(id),
@@ -149,14 +238,14 @@ impl ProspectService {
                 },
                 None => None,
             };
-            let now = self.clock.now();
+            let now = self.ports.clock.now();
             let result = match ctx.prospect {
                 None => {
                     let mut prospect = Prospect::new(account, cmd.email.clone(), now);
                     prospect.apply(&cmd.email, &cmd.changes)?;
                     let enrollment = requested.or(ctx.default_campaign_id).and_then(|c| prospect.enroll(c, now));
                     self.publish_first_step(&prospect, enrollment.as_ref(), now).await?;
-                    self.repo.insert(&prospect).await.map(|()| UpsertOutcome { prospect_id: prospect.id, created: true })
+                    self.ports.repo.insert(&prospect).await.map(|()| UpsertOutcome { prospect_id: prospect.id, created: true })
                 }
                 Some(previous) => {
                     let mut prospect = previous.clone();
@@ -169,7 +258,7 @@ impl ProspectService {
                     }
                     prospect.updated_at = now;
                     self.publish_first_step(&prospect, enrollment.as_ref(), now).await?;
-                    self.repo.update(&previous, &prospect).await.map(|()| outcome)
+                    self.ports.repo.update(&previous, &prospect).await.map(|()| outcome)
                 }
             };
             match result {
@@ -206,7 +295,7 @@ impl ProspectService {
             attempt: 0,
             not_before: None,
         };
-        let Some(queue) = &self.queue else {
+        let Some(queue) = &self.ports.queue else {
             return Err(ServiceError::Internal(StoreError::other("no job queue is configured")));
         };
         queue.publish(&job, now).await.map_err(|e| match e {
@@ -227,8 +316,9 @@ impl ProspectService {
         status: ProspectStatus,
     ) -> Result<Prospect, ServiceError> {
         let updated = self
+            .ports
             .repo
-            .set_status(account, prospect, status, self.clock.now())
+            .set_status(account, prospect, status, self.ports.clock.now())
             .await?
             .ok_or(ServiceError::NotFound)?;
         tracing::Span::current().record("prospect_id", tracing::field::display(updated.id));

@@ -21,7 +21,7 @@ use crate::helpers::{test_secret, RecordingMailer};
 const EVENTS_KEY: &str = "chq_0000000000000000000000000000000000000000000e7e47";
 
 /// Each event, in the order they run against one store, with the status it must get.
-const EXPECTED: [(&str, u16); 16] = [
+pub(crate) const EXPECTED: [(&str, u16); 16] = [
     ("post-prospect-created", 201),
     ("post-prospect-updated", 200),
     ("post-prospect-missing-email", 400),
@@ -41,7 +41,7 @@ const EXPECTED: [(&str, u16); 16] = [
 ];
 
 /// SQS events for the scheduler, with the message ids it must report failed.
-const SQS_EVENTS: [(&str, &[&str]); 1] = [(
+pub(crate) const SQS_EVENTS: [(&str, &[&str]); 1] = [(
     "scheduler-batch-with-poison",
     &["3c9a2e10-6f4b-4d8e-9a1c-0b2d4f6e8a02", "3c9a2e10-6f4b-4d8e-9a1c-0b2d4f6e8a03"],
 )];

@@ -17,7 +17,9 @@ use shared::adapters::sqlite::SqliteStore;
 use shared::admin;
 use shared::backend::Backend;
 use shared::adapters::sqs::SqsQueue;
-use shared::domain::{AccountId, Campaign, CampaignDefinition, CampaignJob, Clock, SystemClock, UnsubscribeSecret};
+use shared::domain::{
+    AccountId, Campaign, CampaignDefinition, CampaignJob, Clock, KeyId, RateLimit, SystemClock, UnsubscribeSecret,
+};
 use shared::http::{router, Routes, KEY_HEADER};
 use shared::ports::{JobQueue, MailError, Mailer, OutgoingEmail, ProspectRef, StoreError};
 use shared::scheduler::{drain_embedded, handle_sqs_batch, DeliverySettings, Scheduler};
@@ -34,9 +36,15 @@ pub enum Kind {
 pub struct FaultyQueue {
     inner: Arc<dyn JobQueue>,
     failures_left: AtomicUsize,
+    delay_ms: AtomicUsize,
 }
 
 impl FaultyQueue {
+    /// Makes every publish take `ms` milliseconds longer (a slow queue).
+    pub fn slow_down(&self, ms: usize) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
     /// Makes the next `n` publishes fail as if the queue were unreachable.
     pub fn fail_next(&self, n: usize) {
         self.failures_left.store(n, Ordering::SeqCst);
@@ -52,6 +60,10 @@ impl JobQueue for FaultyQueue {
             .is_ok();
         if injected {
             return Err(StoreError::Unavailable("injected queue failure".into()));
+        }
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay as u64)).await;
         }
         self.inner.publish(job, visible_at).await
     }
@@ -210,10 +222,13 @@ impl TestApp {
                 (backend, None, Some(AwsResources { sqs, queue_url }))
             }
         };
-        let queue = Arc::new(FaultyQueue { inner: base_backend.queue.clone().expect("backend has a queue"), failures_left: AtomicUsize::new(0) });
+        let queue = Arc::new(FaultyQueue { inner: base_backend.queue.clone().expect("backend has a queue"), failures_left: AtomicUsize::new(0), delay_ms: AtomicUsize::new(0) });
         let backend = Backend { queue: Some(queue.clone() as Arc<dyn JobQueue>), ..base_backend };
         let account = admin::create_account(backend.admin.as_ref(), "Test account", &SystemClock).await.unwrap();
-        let (_, key) = admin::create_key(backend.admin.as_ref(), account.id, Some("test".into()), &SystemClock).await.unwrap();
+        let (record, key) = admin::create_key(backend.admin.as_ref(), account.id, Some("test".into()), &SystemClock).await.unwrap();
+        // Tests send bursts under a frozen clock: a generous limit keeps them clear of it;
+        // the rate-limit tests use keys of their own.
+        backend.admin.set_rate_limit(record.key_id, Some(RateLimit::new(10_000, 10_000).unwrap())).await.unwrap();
         let campaign = admin::create_campaign(
             backend.admin.as_ref(),
             account.id,
@@ -264,6 +279,14 @@ impl TestApp {
         (account.id, key.expose().to_owned())
     }
 
+    /// A further key of this app's account with the given rate limit.
+    pub async fn key_with_limit(&self, per_second: u32, burst: u32) -> (KeyId, String) {
+        let store = self.backend.admin.as_ref();
+        let (record, key) = admin::create_key(store, self.account, Some("limited".into()), &SystemClock).await.unwrap();
+        store.set_rate_limit(record.key_id, Some(RateLimit::new(per_second, burst).unwrap())).await.unwrap();
+        (record.key_id, key.expose().to_owned())
+    }
+
     /// Another campaign of this app's account.
     pub async fn create_campaign(&self, name: &str) -> Campaign {
         let def = CampaignDefinition::parse(&CAMPAIGN_FILE.replace("Conversion", name)).unwrap();
@@ -287,16 +310,33 @@ impl TestApp {
     /// Sends any request; returns the status and the parsed JSON body, checking that every
     /// response is JSON.
     pub async fn send(&self, method: reqwest::Method, path: &str, key: Option<&str>, body: String) -> (u16, Value) {
+        let (status, _, body) = self.send_with(method, path, key, &[], body).await;
+        (status, body)
+    }
+
+    /// Like [`Self::send`], with extra request headers; also returns the response headers.
+    pub async fn send_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+        body: String,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
         let mut request = self.http.request(method, format!("{}{path}", self.base)).body(body);
         if let Some(key) = key {
             request = request.header(KEY_HEADER, key);
         }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
         let response = request.send().await.expect("request reaches the app");
         let status = response.status().as_u16();
-        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let response_headers = response.headers().clone();
+        let content_type = response_headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         assert!(content_type.starts_with("application/json"), "status {status}: content-type {content_type:?}");
         let body: Value = response.json().await.expect("JSON body");
-        (status, body)
+        (status, response_headers, body)
     }
 
     /// Reads a prospect of this app's account straight from the store.

@@ -5,5 +5,7 @@ mod campaigns;
 mod cli;
 mod contract;
 mod events;
+mod hardening;
 mod helpers;
+mod lambda;
 mod mailers;

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use lambda_runtime::{service_fn, LambdaEvent};
-use shared::adapters::{dynamodb::DynamoStore, ses::SesMailer, sqs::SqsQueue};
+use shared::adapters::ses::SesMailer;
+use shared::backend::Backend;
 use shared::config::{aws_sdk_config, unsubscribe_secret_from_aws, DeliveryConfig, QueueConfig, TableConfig};
 use shared::domain::SystemClock;
-use shared::scheduler::{handle_sqs_batch, DeliverySettings, Scheduler, SchedulerPorts};
+use shared::scheduler::{handle_sqs_batch, DeliverySettings, Scheduler};
 use shared::telemetry::{init, LogFormat};
 
 #[tokio::main]
@@ -17,15 +18,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let (table, queue, delivery) = (TableConfig::from_env()?, QueueConfig::from_env()?, DeliveryConfig::from_env()?);
     let aws = aws_sdk_config().await;
     let unsubscribe_secret = unsubscribe_secret_from_aws(&aws).await?;
-    let store = Arc::new(DynamoStore::new(aws_sdk_dynamodb::Client::new(&aws), table.table_name));
-    let ports = SchedulerPorts {
-        repo: store.clone(),
-        campaigns: store.clone(),
-        sends: store,
-        queue: Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(&aws), queue.queue_url)),
-        mailer: Arc::new(SesMailer::new(aws_sdk_sesv2::Client::new(&aws))),
-        clock: Arc::new(SystemClock),
-    };
+    let backend = Backend::aws(&aws, &table.table_name, Some(&queue.queue_url));
+    let mailer = Arc::new(SesMailer::new(aws_sdk_sesv2::Client::new(&aws)));
+    let ports = backend.scheduler_ports(mailer, Arc::new(SystemClock)).ok_or("the scheduler needs the job queue")?;
     let settings = DeliverySettings { sender: delivery.sender, public_url: delivery.public_url, unsubscribe_secret };
     let scheduler = Arc::new(Scheduler::new(ports, settings));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {

@@ -10,6 +10,8 @@
 //! | key id pointer | `KEYID#{key_id}` | `hash` |
 //! | campaign | `CAMPAIGN#{id}` | JSON `doc`; `gsi1pk` = `ACCOUNT#{id}#CAMPAIGNS` |
 //! | send record | `SEND#{enrollment_id}#{step}` | `claimed_at`; `expires_at` (TTL) |
+//! | idempotency record | `IDEM#{account}#{sha256(key)}` | `fingerprint`, `status`, `body`, `lease_until`; `expires_at` (TTL) |
+//! | rate-limit bucket | `RATE#{key_id}` | `tat` (GCRA, Unix nanoseconds); `expires_at` (TTL) |
 //!
 //! Every prospect has its own partition (account + email), so one large account never
 //! concentrates writes on one key. Lookups by id or external_id go through pointer items read
@@ -29,9 +31,13 @@ use crate::domain::{
     Account, AccountId, ApiKeyRecord, Campaign, CampaignId, KeyHash, KeyId, NormalizedEmail, Prospect,
     ProspectStatus,
 };
-use crate::domain::EnrollmentId;
+use crate::domain::{
+    gcra, EnrollmentId, IdempotencyBegin, IdempotencyKey, RateDecision, RateLimit, StoredResponse, IDEMPOTENCY_TTL,
+    IN_FLIGHT_LEASE,
+};
 use crate::ports::{
-    AdminStore, Claim, Conflict, KeyStore, ProspectRef, ProspectRepository, SendLog, StoreError, UpsertContext,
+    AdminStore, Claim, Conflict, IdempotencyStore, KeyStore, ProspectRef, ProspectRepository, RateLimiter, SendLog,
+    StoreError, UpsertContext,
 };
 
 /// How long a send record is kept (DynamoDB TTL attribute `expires_at`): longer than any
@@ -55,14 +61,15 @@ const RETRYABLE_CODES: [&str; 7] = [
 
 /// Translates an SDK failure: throttling, timeouts and unreachable endpoints are
 /// [`StoreError::Unavailable`]; anything else [`StoreError::Other`].
-pub(crate) fn sdk_error<E, R>(e: SdkError<E, R>) -> StoreError
+pub(crate) fn sdk_error<E>(e: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
 {
     let retryable = match &e {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
-        SdkError::ServiceError(se) => se.err().code().is_some_and(|c| RETRYABLE_CODES.contains(&c)),
+        SdkError::ServiceError(se) => {
+            se.raw().status().is_server_error() || se.err().code().is_some_and(|c| RETRYABLE_CODES.contains(&c))
+        }
         _ => false,
     };
     if retryable {
@@ -104,6 +111,16 @@ fn doc_of<T: serde::de::DeserializeOwned>(item: &Item) -> Result<T, StoreError> 
 
 fn to_doc<T: serde::Serialize>(v: &T) -> Result<AttributeValue, StoreError> {
     serde_json::to_string(v).map(s).map_err(StoreError::other)
+}
+
+/// A key item: its document, with `last_used_at` kept as its own attribute (so recording a
+/// use is one small update).
+fn key_record_of(item: &Item) -> Result<ApiKeyRecord, StoreError> {
+    let mut record: ApiKeyRecord = doc_of(item)?;
+    if let Ok(t) = get_s(item, "last_used_at") {
+        record.last_used_at = Some(super::record::parse_rfc3339(&t)?);
+    }
+    Ok(record)
 }
 
 fn prospect_pk(account: &str, email_hash: &str) -> String {
@@ -432,7 +449,208 @@ impl ProspectRepository for DynamoStore {
 #[async_trait]
 impl KeyStore for DynamoStore {
     async fn find_key(&self, hash: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
-        self.get(key_pk(hash.as_str()), false).await?.as_ref().map(doc_of).transpose()
+        self.get(key_pk(hash.as_str()), false).await?.as_ref().map(key_record_of).transpose()
+    }
+
+    async fn touch_key(&self, hash: &KeyHash, now: OffsetDateTime) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(key_pk(hash.as_str()))))
+            .update_expression("SET last_used_at = :t")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":t", s(rfc3339(now)))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => Ok(()),
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+}
+
+fn epoch_ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn idempotency_pk(account: AccountId, key: &IdempotencyKey) -> String {
+    format!("IDEM#{account}#{}", key.hash())
+}
+
+#[async_trait]
+impl IdempotencyStore for DynamoStore {
+    async fn begin(
+        &self,
+        account: AccountId,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        now: OffsetDateTime,
+    ) -> Result<IdempotencyBegin, StoreError> {
+        let pk = idempotency_pk(account, key);
+        let mut item = self::key(&pk);
+        item.insert("fingerprint".into(), s(fingerprint));
+        item.insert("lease_until".into(), n(epoch_ms(now + IN_FLIGHT_LEASE)));
+        item.insert("expires_at".into(), n((now + IDEMPOTENCY_TTL).unix_timestamp()));
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression(
+                "attribute_not_exists(pk) OR expires_at <= :now_s OR (attribute_not_exists(#status) AND lease_until <= :now_ms)",
+            )
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":now_s", n(now.unix_timestamp()))
+            .expression_attribute_values(":now_ms", n(epoch_ms(now)))
+            .return_values_on_condition_check_failure(aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        let old = match result {
+            Ok(_) => return Ok(IdempotencyBegin::Started),
+            Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => match se.err() {
+                aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(e) => e.item().cloned(),
+                _ => None,
+            },
+            Err(e) => return Err(sdk_error(e)),
+        };
+        let old = match old {
+            Some(item) => item,
+            None => match self.get(pk, true).await? {
+                Some(item) => item,
+                None => return Ok(IdempotencyBegin::InFlight),
+            },
+        };
+        if get_s(&old, "fingerprint")? != fingerprint {
+            return Ok(IdempotencyBegin::Mismatch);
+        }
+        match old.get("status") {
+            None => Ok(IdempotencyBegin::InFlight),
+            Some(_) => Ok(IdempotencyBegin::Replay(StoredResponse { status: get_n(&old, "status")?, body: get_s(&old, "body")? })),
+        }
+    }
+
+    async fn finish(&self, account: AccountId, key: &IdempotencyKey, response: &StoredResponse, now: OffsetDateTime) -> Result<(), StoreError> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self::key(idempotency_pk(account, key))))
+            .update_expression("SET #status = :st, body = :b, expires_at = :exp")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":st", n(response.status))
+            .expression_attribute_values(":b", s(&response.body))
+            .expression_attribute_values(":exp", n((now + IDEMPOTENCY_TTL).unix_timestamp()))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(())
+    }
+
+    async fn abandon(&self, account: AccountId, key: &IdempotencyKey) -> Result<(), StoreError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(self::key(idempotency_pk(account, key))))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(())
+    }
+}
+
+/// Rate limiting across Lambda instances: GCRA buckets in the table. Each instance remembers
+/// the last TAT it saw per key and writes the next one with one conditional write; only when
+/// another instance moved the bucket meanwhile does the failed write return the current TAT
+/// and a second write follow. A request denied by the remembered TAT costs no call at all:
+/// other instances only move a TAT forward, so the denial stands.
+#[derive(Debug)]
+pub struct DynamoRateLimiter {
+    client: Client,
+    table: String,
+    seen: std::sync::Mutex<HashMap<crate::domain::KeyId, OffsetDateTime>>,
+}
+
+impl DynamoRateLimiter {
+    #[must_use]
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self { client, table: table.into(), seen: std::sync::Mutex::new(HashMap::new()) }
+    }
+
+    fn remembered(&self, key: crate::domain::KeyId) -> Option<OffsetDateTime> {
+        self.seen.lock().ok().and_then(|m| m.get(&key).copied())
+    }
+
+    fn remember(&self, key: crate::domain::KeyId, tat: OffsetDateTime) {
+        if let Ok(mut m) = self.seen.lock() {
+            m.insert(key, tat);
+        }
+    }
+}
+
+#[async_trait]
+impl RateLimiter for DynamoRateLimiter {
+    async fn check(&self, key_id: crate::domain::KeyId, limit: RateLimit, now: OffsetDateTime) -> Result<RateDecision, StoreError> {
+        let mut known = self.remembered(key_id);
+        for _ in 0..2 {
+            let (decision, new_tat) = gcra(known, now, limit);
+            let Some(new_tat) = new_tat else { return Ok(decision) };
+            let now_nanos = now.unix_timestamp_nanos();
+            let mut request = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(key(format!("RATE#{key_id}"))))
+                .update_expression("SET tat = :new, expires_at = :exp")
+                .expression_attribute_values(":new", n(new_tat.unix_timestamp_nanos()))
+                .expression_attribute_values(":exp", n(new_tat.unix_timestamp() + 3600))
+                .return_values_on_condition_check_failure(aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure::AllOld);
+            request = match known.filter(|t| t.unix_timestamp_nanos() > now_nanos) {
+                Some(t) => request.condition_expression("tat = :seen").expression_attribute_values(":seen", n(t.unix_timestamp_nanos())),
+                None => request
+                    .condition_expression("attribute_not_exists(tat) OR tat <= :now")
+                    .expression_attribute_values(":now", n(now_nanos)),
+            };
+            match request.send().await {
+                Ok(_) => {
+                    self.remember(key_id, new_tat);
+                    return Ok(decision);
+                }
+                Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => {
+                    let current = match se.err() {
+                        aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(e) => {
+                            e.item().and_then(|item| get_n::<i128>(item, "tat").ok())
+                        }
+                        _ => None,
+                    };
+                    let current = match current {
+                        Some(nanos) => Some(nanos),
+                        None => self.get_tat(key_id).await?,
+                    };
+                    known = current.and_then(|nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).ok());
+                    if let Some(t) = known {
+                        self.remember(key_id, t);
+                    }
+                }
+                Err(e) => return Err(sdk_error(e)),
+            }
+        }
+        Err(StoreError::Unavailable("rate-limit bucket is contended".into()))
+    }
+}
+
+impl DynamoRateLimiter {
+    async fn get_tat(&self, key_id: crate::domain::KeyId) -> Result<Option<i128>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(format!("RATE#{key_id}"))))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(out.item.as_ref().and_then(|item| get_n::<i128>(item, "tat").ok()))
     }
 }
 
@@ -499,7 +717,25 @@ impl AdminStore for DynamoStore {
     }
 
     async fn list_keys(&self, account: AccountId) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        self.query_gsi(format!("{}#KEYS", account_pk(account))).await?.iter().map(doc_of).collect()
+        self.query_gsi(format!("{}#KEYS", account_pk(account))).await?.iter().map(key_record_of).collect()
+    }
+
+    async fn set_rate_limit(&self, id: KeyId, limit: Option<RateLimit>) -> Result<bool, StoreError> {
+        let Some(pointer) = self.get(key_id_pk(id), true).await? else { return Ok(false) };
+        let pk = key_pk(&get_s(&pointer, "hash")?);
+        let Some(item) = self.get(pk.clone(), true).await? else { return Ok(false) };
+        let mut record: ApiKeyRecord = doc_of(&item)?;
+        record.rate_limit = limit;
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk)))
+            .update_expression("SET doc = :doc")
+            .expression_attribute_values(":doc", to_doc(&record)?)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(true)
     }
 
     async fn create_campaign(&self, campaign: &Campaign, make_default: bool) -> Result<(), StoreError> {

@@ -2,6 +2,7 @@
 //! and the job queue in one file) and the AWS backend (DynamoDB single table, SQS queue).
 
 pub mod dynamodb;
+pub mod local_rate_limit;
 pub mod ses;
 pub mod smtp;
 mod record;

@@ -14,10 +14,12 @@ use crate::domain::{
     Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, KeyHash, KeyId,
     NormalizedEmail, Prospect, ProspectStatus,
 };
-use crate::domain::EnrollmentId;
+use crate::domain::{
+    EnrollmentId, IdempotencyBegin, IdempotencyKey, RateLimit, StoredResponse, IDEMPOTENCY_TTL, IN_FLIGHT_LEASE,
+};
 use crate::ports::{
-    AdminStore, Claim, Conflict, JobQueue, KeyStore, MailError, Mailer, OutgoingEmail, ProspectRef,
-    ProspectRepository, SendLog, StoreError, UpsertContext,
+    AdminStore, Claim, Conflict, IdempotencyStore, JobQueue, KeyStore, MailError, Mailer, OutgoingEmail,
+    ProspectRef, ProspectRepository, SendLog, StoreError, UpsertContext,
 };
 
 /// File name of the database inside the data directory.
@@ -46,6 +48,10 @@ CREATE TABLE IF NOT EXISTS dead_jobs (
 CREATE TABLE IF NOT EXISTS sends (
     enrollment_id TEXT NOT NULL, step INTEGER NOT NULL, claimed_at TEXT NOT NULL,
     PRIMARY KEY (enrollment_id, step));
+CREATE TABLE IF NOT EXISTS idempotency (
+    account_id TEXT NOT NULL, key_hash TEXT NOT NULL, fingerprint TEXT NOT NULL, status INTEGER,
+    body TEXT, lease_until_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (account_id, key_hash));
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, queued_at TEXT NOT NULL, doc TEXT NOT NULL);
 ";
@@ -436,6 +442,87 @@ impl KeyStore for SqliteStore {
         let hash = hash.as_str().to_owned();
         self.call(move |conn| get_doc(conn, "SELECT doc FROM api_keys WHERE hash = ?1", hash)).await
     }
+
+    async fn touch_key(&self, hash: &KeyHash, now: OffsetDateTime) -> Result<(), StoreError> {
+        let (hash, at) = (hash.as_str().to_owned(), rfc3339(now));
+        self.call(move |conn| {
+            conn.execute("UPDATE api_keys SET doc = json_set(doc, '$.last_used_at', ?2) WHERE hash = ?1", params![hash, at])
+                .map(drop)
+                .map_err(db_error)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for SqliteStore {
+    async fn begin(
+        &self,
+        account: AccountId,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        now: OffsetDateTime,
+    ) -> Result<IdempotencyBegin, StoreError> {
+        let (account, key, fingerprint) = (account.to_string(), key.hash().to_owned(), fingerprint.to_owned());
+        let (now_ms, lease, expires) = (unix_ms(now), unix_ms(now + IN_FLIGHT_LEASE), unix_ms(now + IDEMPOTENCY_TTL));
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_error)?;
+            let existing: Option<(String, Option<u16>, Option<String>, i64, i64)> = tx
+                .query_row(
+                    "SELECT fingerprint, status, body, lease_until_ms, expires_at_ms FROM idempotency WHERE account_id = ?1 AND key_hash = ?2",
+                    params![account, key],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()
+                .map_err(db_error)?;
+            let outcome = match existing {
+                Some((_, _, _, _, expires_at)) if expires_at <= now_ms => None,
+                Some((_, None, _, lease_until, _)) if lease_until <= now_ms => None,
+                Some((stored, _, _, _, _)) if stored != fingerprint => Some(IdempotencyBegin::Mismatch),
+                Some((_, None, _, _, _)) => Some(IdempotencyBegin::InFlight),
+                Some((_, Some(status), body, _, _)) => {
+                    Some(IdempotencyBegin::Replay(StoredResponse { status, body: body.unwrap_or_default() }))
+                }
+                None => None,
+            };
+            if let Some(outcome) = outcome {
+                return Ok(outcome);
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO idempotency (account_id, key_hash, fingerprint, status, body, lease_until_ms, expires_at_ms)
+                 VALUES (?1, ?2, ?3, NULL, NULL, ?4, ?5)",
+                params![account, key, fingerprint, lease, expires],
+            )
+            .map_err(db_error)?;
+            tx.commit().map_err(db_error)?;
+            Ok(IdempotencyBegin::Started)
+        })
+        .await
+    }
+
+    async fn finish(&self, account: AccountId, key: &IdempotencyKey, response: &StoredResponse, now: OffsetDateTime) -> Result<(), StoreError> {
+        let (account, key, status, body) = (account.to_string(), key.hash().to_owned(), response.status, response.body.clone());
+        let expires = unix_ms(now + IDEMPOTENCY_TTL);
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE idempotency SET status = ?3, body = ?4, expires_at_ms = ?5 WHERE account_id = ?1 AND key_hash = ?2",
+                params![account, key, status, body, expires],
+            )
+            .map(drop)
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn abandon(&self, account: AccountId, key: &IdempotencyKey) -> Result<(), StoreError> {
+        let (account, key) = (account.to_string(), key.hash().to_owned());
+        self.call(move |conn| {
+            conn.execute("DELETE FROM idempotency WHERE account_id = ?1 AND key_hash = ?2", params![account, key])
+                .map(drop)
+                .map_err(db_error)
+        })
+        .await
+    }
 }
 
 #[async_trait]
@@ -493,6 +580,21 @@ impl AdminStore for SqliteStore {
     async fn list_keys(&self, account: AccountId) -> Result<Vec<ApiKeyRecord>, StoreError> {
         self.call(move |conn| list_docs(conn, "SELECT doc FROM api_keys WHERE account_id = ?1 ORDER BY rowid", account.to_string()))
             .await
+    }
+
+    async fn set_rate_limit(&self, id: KeyId, limit: Option<RateLimit>) -> Result<bool, StoreError> {
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_error)?;
+            let Some(mut key) = get_doc::<ApiKeyRecord>(&tx, "SELECT doc FROM api_keys WHERE key_id = ?1", id.to_string())? else {
+                return Ok(false);
+            };
+            key.rate_limit = limit;
+            let doc = serde_json::to_string(&key).map_err(json_error)?;
+            tx.execute("UPDATE api_keys SET doc = ?2 WHERE key_id = ?1", params![id.to_string(), doc]).map_err(db_error)?;
+            tx.commit().map_err(db_error)?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn create_campaign(&self, campaign: &Campaign, make_default: bool) -> Result<(), StoreError> {

@@ -4,7 +4,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use super::{AccountId, KeyId};
+use super::{AccountId, KeyId, RateLimit};
 
 /// Every key starts with this, so secret scanners can recognise a leaked one.
 pub const KEY_PREFIX: &str = "chq_";
@@ -85,6 +85,12 @@ pub struct ApiKeyRecord {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub revoked_at: Option<OffsetDateTime>,
+    /// When a request last used the key (written at most once a minute).
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub last_used_at: Option<OffsetDateTime>,
+    /// A per-key override of [`RateLimit::DEFAULT`].
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl ApiKeyRecord {
@@ -99,12 +105,20 @@ impl ApiKeyRecord {
             label,
             created_at: now,
             revoked_at: None,
+            last_used_at: None,
+            rate_limit: None,
         }
     }
 
     #[must_use]
     pub fn is_active(&self) -> bool {
         self.revoked_at.is_none()
+    }
+
+    /// The limit that applies to this key.
+    #[must_use]
+    pub fn effective_rate_limit(&self) -> RateLimit {
+        self.rate_limit.unwrap_or(RateLimit::DEFAULT)
     }
 }
 

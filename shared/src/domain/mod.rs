@@ -4,16 +4,23 @@
 mod campaign;
 mod email;
 mod ids;
+mod idempotency;
 mod job;
 mod key;
 mod prospect;
+mod rate_limit;
 mod unsubscribe;
 
 pub use campaign::{Campaign, CampaignDefinition, CampaignError, RenderedEmail, Step};
 pub use unsubscribe::{InvalidToken, UnsubscribeSecret, WeakSecret};
 pub use email::{EmailError, NormalizedEmail};
 pub use ids::{AccountId, CampaignId, EnrollmentId, IdError, KeyId, ProspectId};
+pub use idempotency::{
+    request_fingerprint, IdempotencyBegin, IdempotencyKey, InvalidIdempotencyKey, StoredResponse, IDEMPOTENCY_TTL,
+    IN_FLIGHT_LEASE,
+};
 pub use job::CampaignJob;
+pub use rate_limit::{gcra, RateDecision, RateLimit};
 pub use key::{ApiKey, ApiKeyRecord, KeyHash};
 pub use prospect::{
     Enrollment, ExternalId, FieldChange, FieldError, Prospect, ProspectChanges, ProspectStatus,

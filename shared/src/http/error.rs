@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::domain::RateDecision;
 use crate::service::ServiceError;
 
 /// The body of every 401.
@@ -27,6 +28,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("payload too large")]
     PayloadTooLarge,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("rate limited")]
+    TooManyRequests(RateDecision),
     #[error("validation failed")]
     Unprocessable(Vec<String>),
     #[error("service unavailable")]
@@ -44,6 +49,8 @@ impl ApiError {
             Self::ProspectNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -58,6 +65,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotFound => Self::ProspectNotFound,
             ServiceError::Invalid(errors) => Self::Unprocessable(errors),
             ServiceError::InvalidToken => Self::BadRequest("Invalid unsubscribe link".into()),
+            ServiceError::RateLimited(decision) => Self::TooManyRequests(decision),
             ServiceError::Unavailable(source) => Self::Unavailable(Box::new(source)),
             ServiceError::Internal(source) => Self::Internal(Box::new(source)),
         }
@@ -86,6 +94,8 @@ impl IntoResponse for ApiError {
             Self::RouteNotFound => json!({ "error": "Not found" }),
             Self::MethodNotAllowed => json!({ "error": "Method not allowed" }),
             Self::PayloadTooLarge => json!({ "error": "Request body is too large (limit 65536 bytes)" }),
+            Self::Conflict(msg) => json!({ "error": msg }),
+            Self::TooManyRequests(d) => json!({ "error": format!("Rate limit exceeded: retry in {} s", d.retry_after_seconds) }),
             Self::Unprocessable(errors) => json!({ "errors": errors }),
             Self::Unavailable(_) => {
                 tracing::warn!(error = %error_chain(&self), "request failed: backend unavailable");
@@ -100,6 +110,18 @@ impl IntoResponse for ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
         }
+        if let Self::TooManyRequests(decision) = &self {
+            set_rate_limit_headers(&mut response, decision);
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(decision.retry_after_seconds));
+        }
         response
     }
+}
+
+/// Adds `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` to a response.
+pub(super) fn set_rate_limit_headers(response: &mut Response, decision: &RateDecision) {
+    let headers = response.headers_mut();
+    headers.insert("ratelimit-limit", HeaderValue::from(decision.limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(decision.remaining));
+    headers.insert("ratelimit-reset", HeaderValue::from(decision.reset_seconds));
 }

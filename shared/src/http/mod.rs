@@ -2,6 +2,7 @@
 //! `cadenhq serve` through a TCP listener. Request DTOs are parsed into domain commands here.
 
 mod error;
+mod idempotency;
 mod openapi;
 mod request;
 mod unsubscribe;
@@ -12,9 +13,9 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
-use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post};
 use axum::{Json, Router};
@@ -23,9 +24,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 pub use error::{ApiError, UNAUTHORIZED_MESSAGE};
 
-use crate::domain::{AccountId, ExternalId, ProspectId};
+use crate::domain::{ExternalId, ProspectId};
 use crate::ports::ProspectRef;
-use crate::service::ProspectService;
+use crate::service::{Caller, ProspectService};
 
 /// The header carrying the API key.
 pub const KEY_HEADER: &str = "x-cadenhq-key";
@@ -53,15 +54,17 @@ pub enum Routes {
 
 /// The router for `routes`, with the JSON fallbacks, body limit and panic guard.
 pub fn router(service: ProspectService, routes: Routes) -> Router {
-    let mut router = Router::new();
+    let state = Arc::new(service);
+    let mut api = Router::new();
     if matches!(routes, Routes::All | Routes::Upsert) {
-        router = router.route(PROSPECTS_PATH, post(upsert_prospect));
+        api = api.route(PROSPECTS_PATH, post(upsert_prospect));
     }
     if matches!(routes, Routes::All | Routes::Status) {
-        router = router
+        api = api
             .route(PROSPECT_BY_ID_PATH, patch(patch_by_id))
             .route(PROSPECT_BY_EXTERNAL_ID_PATH, patch(patch_by_external_id));
     }
+    let mut router = api.route_layer(middleware::from_fn_with_state(Arc::clone(&state), admit));
     if routes == Routes::All {
         router = router.route(OPENAPI_PATH, axum::routing::get(openapi::document));
     }
@@ -79,20 +82,23 @@ pub fn router(service: ProspectService, routes: Routes) -> Router {
             tracing::error!("handler panicked");
             ApiError::Internal("handler panicked".into()).into_response()
         }))
-        .with_state(Arc::new(service))
+        .with_state(state)
 }
 
 pub(crate) type AppState = Arc<ProspectService>;
 
-/// The account of the request's API key.
-struct Authenticated(AccountId);
-
-impl FromRequestParts<AppState> for Authenticated {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let raw = parts.headers.get(KEY_HEADER).and_then(|v| v.to_str().ok());
-        Ok(Self(state.authenticate(raw).await?))
+/// Admits an API request (key and rate limit) before its handler runs, hands the handler the
+/// [`Caller`], and adds the `RateLimit-*` headers to the response.
+async fn admit(State(service): State<AppState>, mut request: Request, next: Next) -> Response {
+    let raw = request.headers().get(KEY_HEADER).and_then(|v| v.to_str().ok());
+    match service.admit(raw).await {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            let mut response = next.run(request).await;
+            error::set_rate_limit_headers(&mut response, &caller.rate);
+            response
+        }
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
@@ -108,45 +114,69 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 
 async fn upsert_prospect(
     State(service): State<AppState>,
-    Authenticated(account): Authenticated,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let command = request::parse_upsert(&body_bytes(body)?)?;
-    let outcome = service.upsert(account, &command).await?;
-    let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
-    let body = json!({ "accepted": true, "prospect_id": outcome.prospect_id.to_string(), "created": outcome.created });
-    Ok((status, Json(body)).into_response())
+) -> Response {
+    let body = match body_bytes(body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    idempotency::run(&service, &caller, &headers, "POST", PROSPECTS_PATH, &body, || async {
+        let command = request::parse_upsert(&body)?;
+        let outcome = service.upsert(caller.account, &command).await?;
+        let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
+        let body = json!({ "accepted": true, "prospect_id": outcome.prospect_id.to_string(), "created": outcome.created });
+        Ok((status, Json(body)).into_response())
+    })
+    .await
 }
 
 async fn patch_by_id(
     State(service): State<AppState>,
-    Authenticated(account): Authenticated,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let status = request::parse_status(&body_bytes(body)?)?;
-    let id = id.ok().and_then(|Path(raw)| ProspectId::parse(&raw).ok()).ok_or(ApiError::ProspectNotFound)?;
-    set_status(&service, account, ProspectRef::Id(id), status).await
+) -> Response {
+    let raw = id.ok().map(|Path(raw)| raw);
+    let reference = raw.as_deref().and_then(|r| ProspectId::parse(r).ok()).map(ProspectRef::Id);
+    let path = format!("{PROSPECTS_PATH}/{}", raw.unwrap_or_default());
+    set_status(&service, &caller, &headers, &path, reference, body).await
 }
 
 async fn patch_by_external_id(
     State(service): State<AppState>,
-    Authenticated(account): Authenticated,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let status = request::parse_status(&body_bytes(body)?)?;
-    let id = id.ok().and_then(|Path(raw)| ExternalId::parse(&raw).ok()).ok_or(ApiError::ProspectNotFound)?;
-    set_status(&service, account, ProspectRef::ExternalId(id), status).await
+) -> Response {
+    let raw = id.ok().map(|Path(raw)| raw);
+    let reference = raw.as_deref().and_then(|r| ExternalId::parse(r).ok()).map(ProspectRef::ExternalId);
+    let path = format!("{PROSPECTS_PATH}/external/{}", raw.unwrap_or_default());
+    set_status(&service, &caller, &headers, &path, reference, body).await
 }
 
+/// Both PATCH routes: the body is checked first (400), then the prospect looked up (404).
 async fn set_status(
     service: &ProspectService,
-    account: AccountId,
-    prospect: ProspectRef,
-    status: crate::domain::ProspectStatus,
-) -> Result<Response, ApiError> {
-    let updated = service.set_status(account, &prospect, status).await?;
-    let body = json!({ "accepted": true, "prospect_id": updated.id.to_string(), "status": updated.status.as_str() });
-    Ok((StatusCode::OK, Json(body)).into_response())
+    caller: &Caller,
+    headers: &HeaderMap,
+    path: &str,
+    prospect: Option<ProspectRef>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_bytes(body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    idempotency::run(service, caller, headers, "PATCH", path, &body, || async {
+        let status = request::parse_status(&body)?;
+        let prospect = prospect.ok_or(ApiError::ProspectNotFound)?;
+        let updated = service.set_status(caller.account, &prospect, status).await?;
+        let body = json!({ "accepted": true, "prospect_id": updated.id.to_string(), "status": updated.status.as_str() });
+        Ok((StatusCode::OK, Json(body)).into_response())
+    })
+    .await
 }

@@ -108,6 +108,8 @@ pub(super) fn parse_status(body: &[u8]) -> Result<ProspectStatus, ApiError> {
     }
 }
 
+#[cfg(test)] #[path = "request_proptest.rs"] mod proptests;
+
 #[cfg(test)]
 mod tests {
     use super::*;

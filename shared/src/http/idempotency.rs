@@ -1,0 +1,86 @@
+//! `Idempotency-Key` on POST and PATCH: the first response to a key is kept for 24 hours and
+//! replayed (with `Idempotent-Replayed: true`) for a retry of the same request; the same key
+//! with another request is 422, and while the first request still runs, 409. A response with
+//! a 5xx status is not kept, so a retry runs again.
+
+use std::future::Future;
+
+use axum::body::{to_bytes, Body};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiError, BODY_LIMIT_BYTES};
+use crate::domain::{request_fingerprint, IdempotencyBegin, IdempotencyKey, InvalidIdempotencyKey, StoredResponse};
+use crate::service::{Caller, ProspectService};
+
+/// The request header.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// The response header on a replay.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// Runs `handler` under the request's idempotency key, if it has one.
+pub(super) async fn run<F, Fut>(
+    service: &ProspectService,
+    caller: &Caller,
+    headers: &HeaderMap,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    handler: F,
+) -> Response
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Response, ApiError>>,
+{
+    let Some(raw) = headers.get(IDEMPOTENCY_HEADER) else {
+        return handler().await.unwrap_or_else(IntoResponse::into_response);
+    };
+    let key = match raw.to_str().map_err(|_| InvalidIdempotencyKey).and_then(IdempotencyKey::parse) {
+        Ok(key) => key,
+        Err(e) => return ApiError::BadRequest(e.to_string()).into_response(),
+    };
+    let fingerprint = request_fingerprint(method, path, body);
+    match service.idempotency_begin(caller.account, &key, &fingerprint).await {
+        Err(e) => ApiError::from(e).into_response(),
+        Ok(IdempotencyBegin::InFlight) => {
+            ApiError::Conflict("A request with this Idempotency-Key is still being processed; retry later".into()).into_response()
+        }
+        Ok(IdempotencyBegin::Mismatch) => {
+            ApiError::Unprocessable(vec!["Idempotency-Key was already used with a different request".into()]).into_response()
+        }
+        Ok(IdempotencyBegin::Replay(stored)) => replay(stored),
+        Ok(IdempotencyBegin::Started) => {
+            let response = handler().await.unwrap_or_else(IntoResponse::into_response);
+            if response.status().is_server_error() {
+                abandon(service, caller, &key).await;
+                return response;
+            }
+            let (parts, body) = response.into_parts();
+            let Ok(bytes) = to_bytes(body, BODY_LIMIT_BYTES * 4).await else {
+                abandon(service, caller, &key).await;
+                return ApiError::Internal("response body could not be buffered".into()).into_response();
+            };
+            let stored = StoredResponse { status: parts.status.as_u16(), body: String::from_utf8_lossy(&bytes).into_owned() };
+            if let Err(e) = service.idempotency_finish(caller.account, &key, &stored).await {
+                tracing::warn!(error = %e, "could not keep the response of an idempotent request");
+                abandon(service, caller, &key).await;
+            }
+            Response::from_parts(parts, Body::from(bytes))
+        }
+    }
+}
+
+async fn abandon(service: &ProspectService, caller: &Caller, key: &IdempotencyKey) {
+    if let Err(e) = service.idempotency_abandon(caller.account, key).await {
+        tracing::warn!(error = %e, "could not free an idempotency key; it frees itself when its lease ends");
+    }
+}
+
+fn replay(stored: StoredResponse) -> Response {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let mut response = (status, stored.body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    response
+}

@@ -1,0 +1,362 @@
+//! The Lambda functions as AWS runs them: each built function binary started by
+//! `cadenhq invoke`, which plays the Lambda Runtime API, with the environment `template.yaml`
+//! gives it (values pointing at a fresh table, queue and secret in the emulator), fed every
+//! event in `events/` that belongs to it in one warm process. Also: a handler error is a Runtime
+//! API error report and not a crash, a function missing a variable its template sets fails at
+//! init naming it, and the variables each function's code reads are exactly the ones its
+//! template sets. The binaries are built beside `cadenhq` (`scripts/test` builds them first).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use shared::admin;
+use shared::backend::Backend;
+use shared::config::{
+    DeliveryConfig, QueueConfig, TableConfig, PUBLIC_URL, QUEUE_URL, SENDER, TABLE_NAME, UNSUBSCRIBE_SECRET_ARN,
+    UNSUBSCRIBE_SECRET_FROM_AWS_VARS,
+};
+use shared::domain::{ApiKey, ApiKeyRecord, CampaignDefinition, SystemClock};
+
+use crate::events::{EXPECTED, SQS_EVENTS};
+use crate::helpers::{create_table, emulator_sdk_config, CAMPAIGN_FILE};
+
+/// How each `shared::config` reader called in a function's `main.rs` maps to the variables it reads.
+const READERS: [(&str, &[&str]); 4] = [
+    ("TableConfig::from_env", TableConfig::VARS),
+    ("QueueConfig::from_env", QueueConfig::VARS),
+    ("DeliveryConfig::from_env", DeliveryConfig::VARS),
+    ("unsubscribe_secret_from_aws", UNSUBSCRIBE_SECRET_FROM_AWS_VARS),
+];
+
+const SENDER_VALUE: &str = "Acme <hello@acme.example>";
+const PUBLIC_URL_VALUE: &str = "https://api.acme.example";
+
+fn repo_root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn event_path(name: &str) -> PathBuf {
+    repo_root().join("events").join(format!("{name}.json"))
+}
+
+fn read_event(name: &str) -> Value {
+    let raw = std::fs::read_to_string(event_path(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The function binary `name`, built into the same directory as `cadenhq`.
+fn function_binary(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_cadenhq")).with_file_name(name);
+    assert!(path.is_file(), "{} is not built: scripts/test runs `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// A function of `template.yaml`: its logical id, its `Binary` (the folder in `functions/`)
+/// and the names of the variables it sets.
+struct TemplateFunction {
+    logical_id: String,
+    binary: String,
+    variables: Vec<String>,
+}
+
+fn template_functions() -> Vec<TemplateFunction> {
+    let text = std::fs::read_to_string(repo_root().join("template.yaml")).unwrap();
+    let template: serde_norway::Value = serde_norway::from_str(&text).expect("template.yaml parses, short tags included");
+    let resources = template["Resources"].as_mapping().expect("Resources");
+    let mut functions: Vec<TemplateFunction> = resources
+        .iter()
+        .filter(|(_, r)| r["Type"].as_str() == Some("AWS::Serverless::Function"))
+        .map(|(id, r)| {
+            let variables = r["Properties"]["Environment"]["Variables"]
+                .as_mapping()
+                .map(|m| m.keys().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            TemplateFunction {
+                logical_id: id.as_str().unwrap().to_owned(),
+                binary: r["Metadata"]["Binary"].as_str().unwrap_or_else(|| panic!("{id:?} has no Metadata.Binary")).to_owned(),
+                variables,
+            }
+        })
+        .collect();
+    functions.sort_by(|a, b| a.binary.cmp(&b.binary));
+    functions
+}
+
+fn template_function(binary: &str) -> TemplateFunction {
+    template_functions().into_iter().find(|f| f.binary == binary).unwrap_or_else(|| panic!("no function with Binary: {binary}"))
+}
+
+/// The function (`functions/` folder) an event belongs to, from its route or event source.
+fn owner(event: &Value) -> &'static str {
+    if event["Records"][0]["eventSource"] == "aws:sqs" {
+        return "scheduler";
+    }
+    match event["routeKey"].as_str().unwrap_or_default().split_once(' ') {
+        Some(("POST", "/api/v1/prospects")) => "prospects-post",
+        Some(("PATCH", path)) if path.starts_with("/api/v1/prospects/") => "prospects-patch",
+        Some((_, path)) if path.starts_with("/unsubscribe/") => "unsubscribe",
+        _ => panic!("no function owns {event}"),
+    }
+}
+
+/// A fresh table, queue and unsubscribe secret in the emulator, with the account and key the
+/// events carry and a default campaign; returns each template variable's value.
+async fn emulated_environment() -> BTreeMap<&'static str, String> {
+    let sdk = emulator_sdk_config().await;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let table = format!("lambda-{suffix}");
+    create_table(&sdk, &table).await;
+    let queue_url = aws_sdk_sqs::Client::new(&sdk)
+        .create_queue()
+        .queue_name(format!("lambda-{suffix}"))
+        .send()
+        .await
+        .expect("create queue")
+        .queue_url
+        .expect("queue url");
+    let secret_arn = aws_sdk_secretsmanager::Client::new(&sdk)
+        .create_secret()
+        .name(format!("lambda-{suffix}"))
+        .secret_string("s".repeat(64))
+        .send()
+        .await
+        .expect("create secret")
+        .arn
+        .expect("secret arn");
+
+    let backend = Backend::aws(&sdk, &table, Some(&queue_url));
+    let account = admin::create_account(backend.admin.as_ref(), "Events", &SystemClock).await.unwrap();
+    let events_key = read_event("post-prospect-created")["headers"]["x-cadenhq-key"].as_str().expect("the events' key").to_owned();
+    let record = ApiKeyRecord::new(&ApiKey::from_raw(&events_key), account.id, None, time::OffsetDateTime::now_utc());
+    backend.admin.create_key(&record).await.unwrap();
+    let campaign = CampaignDefinition::parse(CAMPAIGN_FILE).unwrap();
+    admin::create_campaign(backend.admin.as_ref(), account.id, campaign, true, &SystemClock).await.unwrap();
+
+    BTreeMap::from([
+        (TABLE_NAME, table),
+        (QUEUE_URL, queue_url),
+        (SENDER, SENDER_VALUE.to_owned()),
+        (PUBLIC_URL, PUBLIC_URL_VALUE.to_owned()),
+        (UNSUBSCRIBE_SECRET_ARN, secret_arn),
+    ])
+}
+
+/// Runs `cadenhq invoke --json` on `binary` with `env` and `events`; returns the output and
+/// its JSON lines.
+fn invoke(binary: &str, env: &[(&str, &str)], events: &[PathBuf], with_template: bool) -> (Output, Vec<Value>) {
+    let function = template_function(binary);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cadenhq"));
+    command.args(["invoke", "--json", "--function"]).arg(function_binary(binary));
+    if with_template {
+        command.arg("--env-from-template").arg(repo_root().join("template.yaml")).args(["--logical-id", &function.logical_id]);
+    }
+    for event in events {
+        command.arg("--event").arg(event);
+    }
+    for (name, value) in env {
+        command.arg("--env").arg(format!("{name}={value}"));
+    }
+    let output = command.output().expect("run cadenhq invoke");
+    let lines = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    (output, lines)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The summary line closing a successful run.
+fn summary(lines: &[Value]) -> &Value {
+    let last = lines.last().expect("output");
+    assert_eq!(last["kind"], "summary", "{last}");
+    last
+}
+
+/// Checks one HTTP answer: the status events.rs documents and the body's shape.
+fn assert_http_answer(name: &str, expected: u16, payload: &Value) {
+    assert_eq!(payload["statusCode"], expected, "{name}: {payload}");
+    let content_type = payload["headers"]["content-type"].as_str().unwrap_or_default();
+    if content_type.starts_with("text/html") {
+        assert!(name.starts_with("unsubscribe-page"), "{name}: only the unsubscribe page is HTML");
+        return;
+    }
+    assert_eq!(content_type, "application/json", "{name}: {payload}");
+    let body: Value = serde_json::from_str(payload["body"].as_str().unwrap_or_default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    match expected {
+        200 | 201 => assert_eq!(body["accepted"], true, "{name}: {body}"),
+        422 => assert!(body["errors"].is_array(), "{name}: {body}"),
+        _ => assert!(body["error"].is_string(), "{name}: {body}"),
+    }
+}
+
+/// What an event must get back.
+enum Expected {
+    /// The HTTP status (events.rs `EXPECTED`).
+    Status(u16),
+    /// The SQS message ids reported failed (events.rs `SQS_EVENTS`).
+    Failures(&'static [&'static str]),
+}
+
+/// Every event `binary` owns, in the order events.rs runs them, with what it must get back.
+fn events_of(binary: &str) -> Vec<(&'static str, Expected)> {
+    let http = EXPECTED.iter().map(|(name, status)| (*name, Expected::Status(*status)));
+    let sqs = SQS_EVENTS.iter().map(|(name, ids)| (*name, Expected::Failures(ids)));
+    http.chain(sqs).filter(|(name, _)| owner(&read_event(name)) == binary).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_function_binary_answers_its_events_as_documented_from_one_warm_process() {
+    let values = emulated_environment().await;
+    // POST before PATCH: the events run in the order events.rs gives, against one table.
+    for binary in ["prospects-post", "prospects-patch", "unsubscribe", "scheduler"] {
+        let expected = events_of(binary);
+        assert!(!expected.is_empty(), "{binary} has events");
+        let function = template_function(binary);
+        let env: Vec<(&str, &str)> = function
+            .variables
+            .iter()
+            .map(|v| (v.as_str(), values.get(v.as_str()).unwrap_or_else(|| panic!("no test value for {v}")).as_str()))
+            .collect();
+        let events: Vec<PathBuf> = expected.iter().map(|(name, _)| event_path(name)).collect();
+
+        let (output, lines) = invoke(binary, &env, &events, true);
+
+        assert!(output.status.success(), "{binary}: {}", stderr(&output));
+        let answers: Vec<&Value> = lines.iter().filter(|l| l["kind"] != "summary").collect();
+        assert_eq!(answers.len(), expected.len(), "{binary}: one answer per event");
+        for (answer, (name, expected)) in answers.iter().zip(&expected) {
+            assert!(answer["event"].as_str().unwrap_or_default().ends_with(&format!("{name}.json")), "{answer}");
+            assert_eq!(answer["kind"], "response", "{name}: {answer}");
+            match expected {
+                Expected::Status(status) => assert_http_answer(name, *status, &answer["payload"]),
+                Expected::Failures(bad_ids) => {
+                    let failures = answer["payload"]["batchItemFailures"].as_array().unwrap_or_else(|| panic!("{name}: {answer}"));
+                    let ids: Vec<&str> = failures.iter().filter_map(|f| f["itemIdentifier"].as_str()).collect();
+                    assert_eq!(ids, *bad_ids, "{name}");
+                }
+            }
+        }
+        let summary = summary(&lines);
+        assert_eq!(summary["starts"], 1, "{binary}: one process");
+        assert_eq!(summary["invocations"], expected.len(), "{binary}");
+        assert_eq!(summary["polls"], expected.len() + 1, "{binary}: one init, then a poll after every answer");
+        assert!(summary["init_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{summary}");
+        assert!(summary["peak_rss_kb"].as_u64().is_some_and(|kb| kb > 0), "{summary}");
+    }
+
+    let sdk = emulator_sdk_config().await;
+    let queued = aws_sdk_sqs::Client::new(&sdk)
+        .receive_message()
+        .queue_url(&values[QUEUE_URL])
+        .max_number_of_messages(10)
+        .send()
+        .await
+        .unwrap()
+        .messages
+        .unwrap_or_default();
+    assert_eq!(queued.len(), 1, "the created prospect's first campaign job, published by the POST function");
+}
+
+#[test]
+fn a_handler_error_is_reported_to_the_runtime_api_and_the_process_serves_the_next_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_an_api_event = dir.path().join("not-an-api-gateway-event.json");
+    std::fs::write(&not_an_api_event, r#"{"foo": 1}"#).unwrap();
+    let env = [(TABLE_NAME, "unused"), (QUEUE_URL, "http://127.0.0.1:9/000000000000/unused")];
+
+    let (output, lines) = invoke("prospects-post", &env, &[not_an_api_event, event_path("post-prospect-missing-key")], false);
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(lines[0]["kind"], "error", "{}", lines[0]);
+    assert!(lines[0]["payload"]["errorType"].is_string() && lines[0]["payload"]["errorMessage"].is_string(), "{}", lines[0]);
+    assert_eq!(lines[1]["kind"], "response", "{}", lines[1]);
+    assert_eq!(lines[1]["payload"]["statusCode"], 401, "{}", lines[1]);
+    let summary = summary(&lines);
+    assert_eq!((summary["starts"].as_u64(), summary["polls"].as_u64()), (Some(1), Some(3)), "{summary}");
+}
+
+#[test]
+fn a_function_started_without_a_variable_its_template_sets_fails_init_naming_it() {
+    let values = BTreeMap::from([
+        (TABLE_NAME, "unused"),
+        (QUEUE_URL, "http://127.0.0.1:9/000000000000/unused"),
+        (SENDER, SENDER_VALUE),
+        (PUBLIC_URL, PUBLIC_URL_VALUE),
+        (UNSUBSCRIBE_SECRET_ARN, "arn:aws:secretsmanager:us-east-1:000000000000:secret:unused"),
+    ]);
+    for function in template_functions() {
+        let (event, _) = events_of(&function.binary).into_iter().next().expect("the function has an event");
+        for missing in &function.variables {
+            let env: Vec<(&str, &str)> =
+                function.variables.iter().filter(|v| *v != missing).map(|v| (v.as_str(), values[v.as_str()])).collect();
+
+            let (output, lines) = invoke(&function.binary, &env, &[event_path(event)], false);
+
+            let what = format!("{} without {missing}", function.binary);
+            assert!(!output.status.success(), "{what}: exits non-zero");
+            let report = lines.last().unwrap_or_else(|| panic!("{what}: a report"));
+            assert_eq!(report["kind"], "init_error", "{what}: {report}");
+            assert!(report["log"].to_string().contains(missing.as_str()), "{what}: the function's output names it: {report}");
+            let message = stderr(&output).lines().last().unwrap_or_default().to_owned();
+            assert!(message.starts_with("error: ") && message.contains(missing.as_str()), "{what}: {message}");
+        }
+    }
+}
+
+#[test]
+fn invoke_names_a_template_variable_it_has_no_value_for() {
+    let (output, lines) = invoke("prospects-patch", &[], &[event_path("patch-prospect-missing-key")], true);
+
+    assert!(!output.status.success());
+    assert!(lines.is_empty(), "nothing was started");
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.contains(TABLE_NAME) && message.contains("--env"), "{message}");
+}
+
+/// The `shared::config` readers `main.rs` calls, each as written (`TableConfig::from_env`).
+fn readers_called(main_rs: &str) -> Vec<String> {
+    let mut calls = Vec::new();
+    for pattern in ["from_env(", "_from_aws("] {
+        for (at, _) in main_rs.match_indices(pattern) {
+            let start = main_rs[..at].rfind(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':')).map_or(0, |i| i + 1);
+            calls.push(main_rs[start..at + pattern.len() - 1].to_owned());
+        }
+    }
+    calls
+}
+
+#[test]
+fn every_variable_a_function_reads_is_set_in_its_template_function_and_every_one_set_is_read() {
+    let functions = template_functions();
+    let mut folders: Vec<String> = std::fs::read_dir(repo_root().join("functions"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    folders.sort();
+    assert_eq!(functions.iter().map(|f| f.binary.clone()).collect::<Vec<_>>(), folders, "one template function per folder");
+
+    for function in &functions {
+        let main_rs = std::fs::read_to_string(repo_root().join("functions").join(&function.binary).join("src/main.rs")).unwrap();
+        assert!(!main_rs.contains("env::var"), "{}: variables are read through shared::config only", function.binary);
+        let mut reads: Vec<&str> = Vec::new();
+        for call in readers_called(&main_rs) {
+            let (_, vars) = READERS
+                .iter()
+                .find(|(reader, _)| call.ends_with(reader))
+                .unwrap_or_else(|| panic!("{}: {call} reads variables this test does not know: add it to READERS", function.binary));
+            reads.extend(vars.iter());
+        }
+        reads.sort_unstable();
+        reads.dedup();
+        let mut set: Vec<&str> = function.variables.iter().map(String::as_str).collect();
+        set.sort_unstable();
+
+        assert_eq!(reads, set, "{} ({}): variables read by main.rs vs set in template.yaml", function.binary, function.logical_id);
+    }
+}
