@@ -64,7 +64,11 @@ pub fn router(service: ProspectService, routes: Routes) -> Router {
             .route(PROSPECT_BY_ID_PATH, patch(patch_by_id))
             .route(PROSPECT_BY_EXTERNAL_ID_PATH, patch(patch_by_external_id));
     }
-    let mut router = api.route_layer(middleware::from_fn_with_state(Arc::clone(&state), admit));
+    let mut router = if routes == Routes::Unsubscribe {
+        api
+    } else {
+        api.route_layer(middleware::from_fn_with_state(Arc::clone(&state), admit))
+    };
     if routes == Routes::All {
         router = router.route(OPENAPI_PATH, axum::routing::get(openapi::document));
     }
