@@ -132,6 +132,8 @@ pub fn test_secret() -> UnsubscribeSecret {
 pub struct AwsResources {
     pub sqs: aws_sdk_sqs::Client,
     pub queue_url: String,
+    pub sdk: aws_config::SdkConfig,
+    pub table: String,
 }
 
 /// A running app with one account and one key.
@@ -219,7 +221,7 @@ impl TestApp {
                 // Delays come from the injected clock: re-queued jobs come straight back.
                 let queue = SqsQueue::new(sqs.clone(), &queue_url).with_max_delay_seconds(0);
                 let backend = Backend { queue: Some(Arc::new(queue)), ..Backend::aws(&sdk, &table, None) };
-                (backend, None, Some(AwsResources { sqs, queue_url }))
+                (backend, None, Some(AwsResources { sqs, queue_url, sdk, table }))
             }
         };
         let queue = Arc::new(FaultyQueue { inner: base_backend.queue.clone().expect("backend has a queue"), failures_left: AtomicUsize::new(0), delay_ms: AtomicUsize::new(0) });
@@ -373,6 +375,23 @@ impl TestApp {
             }
             all.extend(messages);
         }
+    }
+
+    /// Everything the backend stores, as text: every SQLite table (and the database files'
+    /// raw bytes), or every item of the DynamoDB table.
+    pub async fn dump_store(&self) -> String {
+        if self.embedded.is_some() {
+            let mut out = String::new();
+            for entry in std::fs::read_dir(self._dir.path()).unwrap() {
+                let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+                out.push_str(&String::from_utf8_lossy(&bytes));
+            }
+            return out;
+        }
+        let aws = self.aws.as_ref().expect("aws resources");
+        let client = aws_sdk_dynamodb::Client::new(&aws.sdk);
+        let items = client.scan().table_name(&aws.table).send().await.unwrap().items.unwrap_or_default();
+        format!("{items:?}")
     }
 
     /// Puts a raw message on the backend's queue, visible now.

@@ -7,5 +7,6 @@ mod contract;
 mod events;
 mod hardening;
 mod helpers;
+mod secrets;
 mod lambda;
 mod mailers;
