@@ -64,9 +64,15 @@ impl Backend {
     /// The AWS backend: DynamoDB `table` and, if given, the SQS queue at `queue_url`.
     #[must_use]
     pub fn aws(sdk: &aws_config::SdkConfig, table: &str, queue_url: Option<&str>) -> Self {
-        let client = aws_sdk_dynamodb::Client::new(sdk);
+        let sqs = queue_url.map(|url| (aws_sdk_sqs::Client::new(sdk), url));
+        Self::aws_with_clients(aws_sdk_dynamodb::Client::new(sdk), table, sqs)
+    }
+
+    /// The AWS backend over clients built by the caller (with interceptors, say).
+    #[must_use]
+    pub fn aws_with_clients(client: aws_sdk_dynamodb::Client, table: &str, sqs: Option<(aws_sdk_sqs::Client, &str)>) -> Self {
         let store = DynamoStore::new(client.clone(), table);
-        let queue = queue_url.map(|url| Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(sdk), url)) as Arc<dyn JobQueue>);
+        let queue = sqs.map(|(sqs, url)| Arc::new(SqsQueue::new(sqs, url)) as Arc<dyn JobQueue>);
         Self {
             repo: Arc::new(store.clone()),
             keys: Arc::new(store.clone()),
