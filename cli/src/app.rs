@@ -1,5 +1,6 @@
 //! What each command does, over whichever backend was chosen.
 
+use shared::telemetry::error_chain as chain;
 use serde_json::{json, Value};
 use shared::admin::{self, AdminError};
 use shared::backend::Backend;
@@ -25,16 +26,6 @@ pub enum AppError {
     Invoke(#[from] crate::invoke::InvokeError),
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
 
 async fn open_backend(cli: &Cli) -> Result<Backend, AppError> {
     match cli.backend {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::{create_table, emulator_sdk_config, CAMPAIGN_FILE};
 
-fn cadenhq(data_dir: &Path, args: &[&str]) -> Output {
+pub(crate) fn cadenhq(data_dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cadenhq"))
         .arg("--data-dir")
         .arg(data_dir)
@@ -19,7 +19,7 @@ fn cadenhq(data_dir: &Path, args: &[&str]) -> Output {
         .expect("run cadenhq")
 }
 
-fn json_of(output: &Output) -> Value {
+pub(crate) fn json_of(output: &Output) -> Value {
     assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
 }
@@ -134,7 +134,7 @@ fn invalid_input_gets_a_one_line_error_and_a_non_zero_exit() {
 /// Starts `cadenhq serve` on a free port; returns the child, its base URL and what it printed
 /// before it was ready.
 #[allow(clippy::zombie_processes)] // the caller waits for it in `interrupt_and_wait`
-fn start_server(data_dir: &Path) -> (Child, String, String) {
+pub(crate) fn start_server(data_dir: &Path) -> (Child, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cadenhq"))
         .arg("--data-dir")
         .arg(data_dir)
@@ -157,7 +157,7 @@ fn start_server(data_dir: &Path) -> (Child, String, String) {
     }
 }
 
-fn interrupt_and_wait(mut child: Child) {
+pub(crate) fn interrupt_and_wait(mut child: Child) {
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     assert!(child.wait().unwrap().success(), "clean shutdown on Ctrl-C");

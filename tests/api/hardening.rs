@@ -177,6 +177,15 @@ async fn failing_endpoint(status: StatusCode, error_type: &'static str) -> Strin
     url
 }
 
+/// Serves the API over `backend` on a loopback port; returns its base URL.
+async fn serve(backend: &Backend) -> String {
+    let app = router(backend.service(Arc::new(SystemClock)), Routes::All);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
 /// The emulator's SDK configuration sent to `url` instead: the service-config loader is
 /// dropped so that `AWS_ENDPOINT_URL` from the environment does not win over the override.
 fn pointed_at(sdk: &aws_config::SdkConfig, url: String) -> aws_config::SdkConfig {
@@ -198,10 +207,7 @@ async fn dynamodb_throttling_gets_503_with_retry_after_never_500() {
     let throttling = failing_endpoint(StatusCode::BAD_REQUEST, "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException").await;
     let throttled_sdk = pointed_at(&sdk, throttling);
     let backend = Backend::aws(&throttled_sdk, "any-table", None);
-    let app = router(backend.service(Arc::new(SystemClock)), Routes::All);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let base = serve(&backend).await;
 
     let response = reqwest::Client::new()
         .post(format!("{base}/api/v1/prospects"))
@@ -230,10 +236,7 @@ async fn sqs_failures_get_503_and_leave_no_partial_write() {
     let definition = shared::domain::CampaignDefinition::parse(crate::helpers::CAMPAIGN_FILE).unwrap();
     shared::admin::create_campaign(backend.admin.as_ref(), account.id, definition, true, &SystemClock).await.unwrap();
     let (_, key) = shared::admin::create_key(backend.admin.as_ref(), account.id, None, &SystemClock).await.unwrap();
-    let app = router(backend.service(Arc::new(SystemClock)), Routes::All);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let base = serve(&backend).await;
 
     let response = reqwest::Client::new()
         .post(format!("{base}/api/v1/prospects"))

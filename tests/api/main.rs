@@ -4,9 +4,12 @@
 mod campaigns;
 mod cli;
 mod contract;
+mod crash;
 mod events;
 mod hardening;
 mod helpers;
 mod secrets;
 mod lambda;
 mod mailers;
+mod openapi;
+mod round_trips;

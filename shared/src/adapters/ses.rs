@@ -6,6 +6,7 @@
 //! timeouts, dispatch failures and anything unknown are transient: a misclassified failure
 //! goes to the dead-letter queue rather than losing the email or bouncing the prospect.
 
+use crate::telemetry::error_chain;
 use async_trait::async_trait;
 use aws_sdk_sesv2::operation::send_email::SendEmailError;
 use aws_sdk_sesv2::primitives::Blob;
@@ -61,16 +62,6 @@ fn classify(error: &SendEmailError, sender: Option<&str>) -> MailError {
     MailError::Transient(Box::new(ProviderFailure::new(&error_chain(error))))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,6 @@
 //! `ApiError`: every failure a client can see, its status and its JSON body, in one place.
 
+use crate::telemetry::error_chain;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -72,17 +73,6 @@ impl From<ServiceError> for ApiError {
     }
 }
 
-/// The error and all its causes on one line, for the log.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post};
@@ -139,27 +139,25 @@ async fn upsert_prospect(
 async fn patch_by_id(
     State(service): State<AppState>,
     Extension(caller): Extension<Caller>,
+    uri: Uri,
     headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let raw = id.ok().map(|Path(raw)| raw);
-    let reference = raw.as_deref().and_then(|r| ProspectId::parse(r).ok()).map(ProspectRef::Id);
-    let path = format!("{PROSPECTS_PATH}/{}", raw.unwrap_or_default());
-    set_status(&service, &caller, &headers, &path, reference, body).await
+    let reference = id.ok().and_then(|Path(raw)| ProspectId::parse(&raw).ok()).map(ProspectRef::Id);
+    set_status(&service, &caller, &headers, uri.path(), reference, body).await
 }
 
 async fn patch_by_external_id(
     State(service): State<AppState>,
     Extension(caller): Extension<Caller>,
+    uri: Uri,
     headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let raw = id.ok().map(|Path(raw)| raw);
-    let reference = raw.as_deref().and_then(|r| ExternalId::parse(r).ok()).map(ProspectRef::ExternalId);
-    let path = format!("{PROSPECTS_PATH}/external/{}", raw.unwrap_or_default());
-    set_status(&service, &caller, &headers, &path, reference, body).await
+    let reference = id.ok().and_then(|Path(raw)| ExternalId::parse(&raw).ok()).map(ProspectRef::ExternalId);
+    set_status(&service, &caller, &headers, uri.path(), reference, body).await
 }
 
 /// Both PATCH routes: the body is checked first (400), then the prospect looked up (404).

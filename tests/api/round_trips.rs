@@ -1,0 +1,361 @@
+//! How many DynamoDB and SQS calls each request and each campaign step costs on AWS, counted by
+//! an SDK interceptor against the emulator. Counts are deterministic, so each is asserted
+//! exactly: a change that adds a round trip fails here. The targets and where the design
+//! stands against them: docs/benchmarks.md.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_dynamodb::error::BoxError;
+use serde_json::{json, Value};
+use shared::adapters::sqs::SqsQueue;
+use shared::admin;
+use shared::backend::Backend;
+use shared::domain::{CampaignDefinition, CampaignJob, Clock, RateLimit, SystemClock};
+use shared::http::{router, Routes, KEY_HEADER};
+use shared::scheduler::{handle_sqs_batch, DeliverySettings, Scheduler};
+use time::{Duration, OffsetDateTime};
+
+use crate::helpers::{create_table, emulator_sdk_config, test_secret, RecordingMailer, CAMPAIGN_FILE};
+
+/// The AWS calls made, as `Service.Operation`, in order.
+#[derive(Debug, Default)]
+struct Calls(Mutex<Vec<String>>);
+
+impl Calls {
+    /// The calls since the last `take`, counted per operation.
+    fn take(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for call in self.0.lock().unwrap().drain(..) {
+            *counts.entry(call).or_default() += 1;
+        }
+        counts
+    }
+}
+
+/// Records each operation once, after it is serialized and before its first attempt (so a
+/// retry would not count twice), named from its `X-Amz-Target` header: DynamoDB and SQS both
+/// speak the AWS JSON protocol.
+#[derive(Debug)]
+struct CountCalls(Arc<Calls>);
+
+impl Intercept for CountCalls {
+    fn name(&self) -> &'static str {
+        "CountCalls"
+    }
+
+    fn read_after_serialization(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let target = context.request().headers().get("x-amz-target").unwrap_or("unknown.unknown");
+        let (service, operation) = target.split_once('.').unwrap_or(("unknown", target));
+        let service = if service.starts_with("DynamoDB") { "DynamoDB" } else if service.starts_with("AmazonSQS") { "SQS" } else { service };
+        self.0 .0.lock().unwrap().push(format!("{service}.{operation}"));
+        Ok(())
+    }
+}
+
+/// A clock the test moves by hand.
+struct TestClock(Mutex<OffsetDateTime>);
+
+impl TestClock {
+    fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl Clock for TestClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// The app on the AWS backend in the emulator, with counting SDK clients, as one warm Lambda
+/// instance serves it: the router on a loopback port and the scheduler's batch handler.
+struct CountedApp {
+    calls: Arc<Calls>,
+    clock: Arc<TestClock>,
+    mailer: Arc<RecordingMailer>,
+    scheduler: Scheduler,
+    base: String,
+    http: reqwest::Client,
+    key: String,
+    /// An uncounted client that plays the Lambda event source: receives and deletes messages.
+    sqs: aws_sdk_sqs::Client,
+    queue_url: String,
+}
+
+impl CountedApp {
+    async fn spawn() -> Self {
+        let sdk = emulator_sdk_config().await;
+        let table = format!("round-trips-{}", uuid::Uuid::new_v4().simple());
+        create_table(&sdk, &table).await;
+        let sqs = aws_sdk_sqs::Client::new(&sdk);
+        let queue_url = sqs
+            .create_queue()
+            .queue_name(format!("round-trips-{}", uuid::Uuid::new_v4().simple()))
+            .send()
+            .await
+            .expect("create queue")
+            .queue_url
+            .expect("queue url");
+
+        let calls = Arc::new(Calls::default());
+        let dynamo_config = aws_sdk_dynamodb::config::Builder::from(&sdk).interceptor(CountCalls(calls.clone())).build();
+        let sqs_config = aws_sdk_sqs::config::Builder::from(&sdk).interceptor(CountCalls(calls.clone())).build();
+        let counted_sqs = aws_sdk_sqs::Client::from_conf(sqs_config);
+        let backend = Backend::aws_with_clients(aws_sdk_dynamodb::Client::from_conf(dynamo_config), &table, Some((counted_sqs.clone(), &queue_url)));
+        // The same adapter over the same counting client, but a job published for later comes
+        // back at once: the injected clock, not SQS, decides when a step is due.
+        let backend = Backend { queue: Some(Arc::new(SqsQueue::new(counted_sqs, &queue_url).with_max_delay_seconds(0))), ..backend };
+
+        let store = backend.admin.as_ref();
+        let account = admin::create_account(store, "Round trips", &SystemClock).await.unwrap();
+        let (record, key) = admin::create_key(store, account.id, None, &SystemClock).await.unwrap();
+        store.set_rate_limit(record.key_id, Some(RateLimit::new(10_000, 10_000).unwrap())).await.unwrap();
+        let definition = CampaignDefinition::parse(CAMPAIGN_FILE).unwrap();
+        admin::create_campaign(store, account.id, definition, true, &SystemClock).await.unwrap();
+
+        let clock = Arc::new(TestClock(Mutex::new(OffsetDateTime::now_utc())));
+        let mailer = Arc::new(RecordingMailer::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let settings = DeliverySettings { sender: "Acme <hello@acme.example>".into(), public_url: base.clone(), unsubscribe_secret: test_secret() };
+        let scheduler = Scheduler::new(backend.scheduler_ports(mailer.clone(), clock.clone()).expect("queue"), settings);
+        let app = router(backend.service(clock.clone()), Routes::All);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let app = Self { calls, clock, mailer, scheduler, base, http: reqwest::Client::new(), key: key.expose().to_owned(), sqs, queue_url };
+        app.calls.take();
+        app
+    }
+
+    /// Asserts the calls made since the last check, exactly, and prints them (`scripts/bench`
+    /// shows them with `--nocapture`).
+    fn check(&self, what: &str, expected: &[(&str, usize)]) {
+        let actual = self.calls.take();
+        let shown: Vec<String> = actual.iter().map(|(op, n)| format!("{n} {op}")).collect();
+        println!("round trips | {what} | {}", shown.join(", "));
+        let expected: BTreeMap<String, usize> = expected.iter().map(|(op, n)| ((*op).to_owned(), *n)).collect();
+        assert_eq!(actual, expected, "{what}");
+    }
+
+    async fn request(&self, method: reqwest::Method, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .request(method, format!("{}/api/v1/prospects{path}", self.base))
+            .header(KEY_HEADER, &self.key)
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request reaches the app");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON body"))
+    }
+
+    /// POSTs a body; asserts the status; returns the prospect id.
+    async fn post(&self, body: &Value, expected: u16) -> String {
+        let (status, response) = self.request(reqwest::Method::POST, "", body).await;
+        assert_eq!(status, expected, "{response}");
+        response["prospect_id"].as_str().unwrap().to_owned()
+    }
+
+    async fn patch(&self, path: &str, expected: u16) {
+        let (status, response) = self.request(reqwest::Method::PATCH, path, &json!({"status": "converted"})).await;
+        assert_eq!(status, expected, "{response}");
+    }
+
+    /// Every message visible on the queue, hidden for five minutes.
+    async fn receive(&self) -> Vec<aws_sdk_sqs::types::Message> {
+        let mut all = Vec::new();
+        loop {
+            let out = self
+                .sqs
+                .receive_message()
+                .queue_url(&self.queue_url)
+                .max_number_of_messages(10)
+                .visibility_timeout(300)
+                .send()
+                .await
+                .expect("receive messages");
+            let messages = out.messages.unwrap_or_default();
+            if messages.is_empty() {
+                return all;
+            }
+            all.extend(messages);
+        }
+    }
+
+    async fn delete(&self, messages: &[aws_sdk_sqs::types::Message]) {
+        for m in messages {
+            self.sqs.delete_message().queue_url(&self.queue_url).receipt_handle(m.receipt_handle().unwrap()).send().await.unwrap();
+        }
+    }
+
+    /// Hands every queued job to the scheduler in one SQS event, as Lambda would (the queue
+    /// holds at most 10 here, the function's batch size), and deletes them as Lambda does after
+    /// a batch without failures. Returns the jobs delivered and the emails sent.
+    async fn deliver(&self) -> (Vec<CampaignJob>, usize) {
+        let messages = self.receive().await;
+        assert!(messages.len() <= 10, "one batch at most: {} messages", messages.len());
+        let mut event = aws_lambda_events::event::sqs::SqsEvent::default();
+        for m in &messages {
+            let mut record = aws_lambda_events::event::sqs::SqsMessage::default();
+            record.message_id = m.message_id.clone();
+            record.body = m.body.clone();
+            event.records.push(record);
+        }
+        let sent_before = self.mailer.sent().len();
+        let response = handle_sqs_batch(&self.scheduler, event).await;
+        assert!(response.batch_item_failures.is_empty(), "no job failed");
+        self.delete(&messages).await;
+        let jobs = messages.iter().map(|m| serde_json::from_str(m.body().unwrap()).unwrap()).collect();
+        (jobs, self.mailer.sent().len() - sent_before)
+    }
+
+    /// Empties the queue without handling anything.
+    async fn discard(&self) {
+        let messages = self.receive().await;
+        self.delete(&messages).await;
+    }
+}
+
+fn prospect(n: u32) -> Value {
+    json!({"email": format!("lead{n}@example.com"), "first_name": "Lee", "external_id": format!("crm-{n}"), "source": "landing_page"})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_costs_these_round_trips_with_the_key_already_cached() {
+    let app = CountedApp::spawn().await;
+    app.post(&prospect(0), 201).await;
+    app.check(
+        "POST new, cold instance (key read, last use recorded)",
+        &[("DynamoDB.BatchGetItem", 1), ("DynamoDB.GetItem", 1), ("DynamoDB.TransactWriteItems", 1), ("DynamoDB.UpdateItem", 2), ("SQS.SendMessage", 1)],
+    );
+
+    // From here the key is cached; every request still makes the rate limiter's conditional
+    // UpdateItem.
+    app.post(&prospect(1), 201).await;
+    app.check(
+        "POST new",
+        &[("DynamoDB.BatchGetItem", 1), ("DynamoDB.TransactWriteItems", 1), ("DynamoDB.UpdateItem", 1), ("SQS.SendMessage", 1)],
+    );
+    app.post(&prospect(1), 200).await;
+    app.check("POST existing, unchanged (writes nothing)", &[("DynamoDB.BatchGetItem", 1), ("DynamoDB.UpdateItem", 1)]);
+    app.post(&json!({"email": "lead1@example.com", "first_name": "Leah"}), 200).await;
+    app.check("POST existing, changed", &[("DynamoDB.BatchGetItem", 1), ("DynamoDB.PutItem", 1), ("DynamoDB.UpdateItem", 1)]);
+    app.post(&json!({"email": "lead1@example.com", "external_id": "crm-1b"}), 200).await;
+    app.check(
+        "POST existing, new external_id (pointer moved in a transaction)",
+        &[("DynamoDB.BatchGetItem", 1), ("DynamoDB.TransactWriteItems", 1), ("DynamoDB.UpdateItem", 1)],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_costs_these_round_trips_with_the_key_already_cached() {
+    let app = CountedApp::spawn().await;
+    let id = app.post(&prospect(0), 201).await;
+    app.post(&prospect(1), 201).await;
+    app.calls.take();
+
+    // The rate limiter's UpdateItem, the pointer's GetItem (strongly consistent), the status
+    // UpdateItem.
+    app.patch(&format!("/{id}"), 200).await;
+    app.check("PATCH by id", &[("DynamoDB.GetItem", 1), ("DynamoDB.UpdateItem", 2)]);
+    app.patch("/external/crm-1", 200).await;
+    app.check("PATCH by external_id", &[("DynamoDB.GetItem", 1), ("DynamoDB.UpdateItem", 2)]);
+    app.patch(&format!("/{}", uuid::Uuid::new_v4()), 404).await;
+    app.check("PATCH of an unknown id", &[("DynamoDB.GetItem", 1), ("DynamoDB.UpdateItem", 1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_is_read_once_per_cache_period_and_its_use_recorded_once_a_minute() {
+    let app = CountedApp::spawn().await;
+    let body = prospect(0);
+    app.post(&body, 201).await;
+    app.calls.take();
+    let cached = [("DynamoDB.BatchGetItem", 1), ("DynamoDB.UpdateItem", 1)];
+
+    app.post(&body, 200).await;
+    app.check("key cached: POST existing at once", &cached);
+    app.clock.advance(Duration::seconds(29));
+    app.post(&body, 200).await;
+    app.check("key cached: POST existing 29 s later", &cached);
+
+    app.clock.advance(Duration::seconds(2));
+    app.post(&body, 200).await;
+    app.check(
+        "key cache expired at 31 s: key read again (last use 31 s ago: not recorded)",
+        &[("DynamoDB.BatchGetItem", 1), ("DynamoDB.GetItem", 1), ("DynamoDB.UpdateItem", 1)],
+    );
+    app.post(&body, 200).await;
+    app.check("key cached again", &cached);
+
+    app.clock.advance(Duration::seconds(30));
+    app.post(&body, 200).await;
+    app.check(
+        "key cache expired at 61 s: key read, last use recorded (once a minute)",
+        &[("DynamoDB.BatchGetItem", 1), ("DynamoDB.GetItem", 1), ("DynamoDB.UpdateItem", 2)],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_costs_these_round_trips_per_step() {
+    let app = CountedApp::spawn().await;
+    app.post(&prospect(0), 201).await;
+    app.calls.take();
+    let (jobs, sent) = app.deliver().await;
+    assert_eq!((jobs.len(), sent), (1, 1));
+    app.check(
+        "scheduler, cold instance: first step (campaign read once, then kept)",
+        &[("DynamoDB.GetItem", 2), ("DynamoDB.PutItem", 1), ("SQS.SendMessage", 1)],
+    );
+    app.discard().await;
+
+    // A step: read the prospect, claim the send (conditional PutItem), send, publish the next.
+    let step = [("DynamoDB.GetItem", 1), ("DynamoDB.PutItem", 1), ("SQS.SendMessage", 1)];
+    app.post(&prospect(1), 201).await;
+    app.calls.take();
+    let (jobs, sent) = app.deliver().await;
+    assert_eq!((jobs[0].step, sent), (0, 1));
+    app.check("scheduler: step 1 of 3 delivered", &step);
+
+    let (jobs, sent) = app.deliver().await;
+    assert_eq!((jobs[0].step, sent), (1, 0));
+    app.check("scheduler: a job that is not due yet, re-queued", &[("DynamoDB.GetItem", 1), ("SQS.SendMessage", 1)]);
+
+    app.clock.advance(Duration::seconds(600));
+    let (jobs, sent) = app.deliver().await;
+    assert_eq!((jobs[0].step, sent), (1, 1));
+    app.check("scheduler: step 2 of 3 delivered", &step);
+
+    app.clock.advance(Duration::seconds(259_200));
+    let (jobs, sent) = app.deliver().await;
+    assert_eq!((jobs[0].step, sent), (2, 1));
+    app.check("scheduler: last step delivered (claim, then enrollment completed)", &[("DynamoDB.GetItem", 1), ("DynamoDB.PutItem", 2)]);
+    assert!(app.receive().await.is_empty(), "nothing left to publish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_requeues_early_jobs_one_message_each() {
+    let app = CountedApp::spawn().await;
+    for n in 0..10 {
+        app.post(&prospect(n), 201).await;
+    }
+    app.calls.take();
+    let (jobs, sent) = app.deliver().await;
+    assert_eq!((jobs.len(), sent), (10, 10));
+    app.check(
+        "scheduler: a batch of 10 first steps (campaign read once)",
+        &[("DynamoDB.GetItem", 11), ("DynamoDB.PutItem", 10), ("SQS.SendMessage", 10)],
+    );
+
+    let (jobs, sent) = app.deliver().await;
+    assert_eq!((jobs.len(), sent), (10, 0));
+    app.check("scheduler: a batch of 10 jobs not due yet, re-queued", &[("DynamoDB.GetItem", 10), ("SQS.SendMessage", 10)]);
+}
