@@ -119,6 +119,8 @@ async fn the_unsubscribe_link_stops_the_campaign(kind: Kind) {
     tampered.push(if last == '0' { '1' } else { '0' });
     let (status, _) = app.send(Method::POST, &tampered, None, String::new()).await;
     assert_eq!(status, 400, "a tampered token is refused");
+    let (status, body) = app.send(Method::POST, "/unsubscribe/%FF%FE", None, String::new()).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("Invalid unsubscribe link")), "an undecodable one too, as JSON");
     assert_eq!(app.prospect(by_email("ed@example.com")).await.unwrap().status, ProspectStatus::New);
 
     let (status, body) = app.send(Method::POST, &path, None, "List-Unsubscribe=One-Click".into()).await;

@@ -59,6 +59,18 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The `Retry-After` value a client is told, for a 429 or 503.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<HeaderValue> {
+        match self {
+            Self::Unavailable(_) => Some(HeaderValue::from_static(RETRY_AFTER_SECONDS)),
+            Self::TooManyRequests(decision) => Some(HeaderValue::from(decision.retry_after_seconds)),
+            _ => None,
+        }
+    }
+}
+
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match e {
@@ -97,12 +109,11 @@ impl IntoResponse for ApiError {
             }
         };
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        if let Some(retry_after) = self.retry_after() {
+            response.headers_mut().insert(header::RETRY_AFTER, retry_after);
         }
         if let Self::TooManyRequests(decision) = &self {
             set_rate_limit_headers(&mut response, decision);
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(decision.retry_after_seconds));
         }
         response
     }

@@ -1,6 +1,7 @@
 //! One-click unsubscribe (RFC 8058): `POST /unsubscribe/{token}` unsubscribes, as mail clients
 //! do from the `List-Unsubscribe-Post` header; `GET` shows a page whose button POSTs.
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -26,8 +27,8 @@ fn html_error(status: StatusCode, message: &str) -> Response {
 }
 
 /// `GET`: a confirmation page with a button; changes nothing.
-pub(super) async fn confirmation_page(State(service): State<AppState>, Path(token): Path<String>) -> Response {
-    if service.verify_unsubscribe(&token).is_err() {
+pub(super) async fn confirmation_page(State(service): State<AppState>, token: Result<Path<String>, PathRejection>) -> Response {
+    if token.map_or(true, |Path(token)| service.verify_unsubscribe(&token).is_err()) {
         return html_error(StatusCode::BAD_REQUEST, "This unsubscribe link is not valid.");
     }
     let body = "<p>Click the button to stop receiving these emails.</p>\
@@ -36,8 +37,14 @@ pub(super) async fn confirmation_page(State(service): State<AppState>, Path(toke
 }
 
 /// `POST`: unsubscribes. JSON for mail clients, a page for a browser's form.
-pub(super) async fn unsubscribe(State(service): State<AppState>, headers: HeaderMap, Path(token): Path<String>) -> Response {
+pub(super) async fn unsubscribe(
+    State(service): State<AppState>,
+    headers: HeaderMap,
+    token: Result<Path<String>, PathRejection>,
+) -> Response {
     let html = wants_html(&headers);
+    // A path that does not even decode is no token of ours: the same 400 as a forged one.
+    let token = token.map(|Path(t)| t).unwrap_or_default();
     match service.unsubscribe(&token).await {
         Ok(_) if html => Html(page("Unsubscribed", "<p>You will not receive these emails any more.</p>")).into_response(),
         Ok(prospect) => (StatusCode::OK, Json(json!({ "unsubscribed": true, "prospect_id": prospect.id.to_string() }))).into_response(),
@@ -49,7 +56,11 @@ pub(super) async fn unsubscribe(State(service): State<AppState>, headers: Header
                     StatusCode::NOT_FOUND => "We could not find this subscription.",
                     _ => "Something went wrong. Please try again later.",
                 };
-                html_error(error.status(), message)
+                let mut response = html_error(error.status(), message);
+                if let Some(retry_after) = error.retry_after() {
+                    response.headers_mut().insert(header::RETRY_AFTER, retry_after);
+                }
+                response
             } else {
                 error.into_response()
             }
