@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use shared::admin::{self, AdminError};
 use shared::backend::Backend;
 use shared::config::{aws_sdk_config, ConfigError, TableConfig, QUEUE_URL};
-use shared::domain::{ApiKeyRecord, Campaign, CampaignDefinition, ExternalId, NormalizedEmail, Prospect, SystemClock};
+use shared::domain::{RateLimit, ApiKeyRecord, Campaign, CampaignDefinition, ExternalId, NormalizedEmail, Prospect, SystemClock};
 use shared::ports::{ProspectRef, StoreError};
 
 use crate::args::{AccountsCommand, BackendKind, CampaignsCommand, Cli, Command, KeysCommand, OutboxCommand, ProspectsCommand};
@@ -96,6 +96,21 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             }
             emit(j, &json!({ "key_id": key_id, "revoked": true }), &format!("Revoked key {key_id}"));
         }
+        Command::Keys(KeysCommand::Limit { key_id, rate, burst, .. }) => {
+            let limit = match (rate, burst) {
+                (Some(rate), Some(burst)) => Some(RateLimit::new(rate, burst).map_err(AppError::Usage)?),
+                _ => None,
+            };
+            if !store.set_rate_limit(key_id, limit).await? {
+                return Err(AppError::Usage(format!("no key {key_id}")));
+            }
+            let effective = limit.unwrap_or(RateLimit::DEFAULT);
+            emit(
+                j,
+                &json!({ "key_id": key_id, "rate_limit": effective, "default": limit.is_none() }),
+                &format!("Key {key_id}: {} requests/s, bursts of {}", effective.per_second, effective.burst),
+            );
+        }
         Command::Keys(KeysCommand::List { account }) => {
             let keys = store.list_keys(account).await?;
             let text = keys.iter().map(key_line).collect::<Vec<_>>().join("\n");
@@ -146,16 +161,18 @@ fn key_json(k: &ApiKeyRecord) -> Value {
     json!({
         "key_id": k.key_id, "account_id": k.account_id, "label": k.label, "prefix": k.prefix,
         "created_at": rfc3339(k.created_at), "revoked_at": k.revoked_at.map(rfc3339), "active": k.is_active(),
+        "last_used_at": k.last_used_at.map(rfc3339), "rate_limit": k.effective_rate_limit(),
     })
 }
 
 fn key_line(k: &ApiKeyRecord) -> String {
     format!(
-        "{}  {}…  {}  created {}{}",
+        "{}  {}…  {}  created {}  last used {}{}",
         k.key_id,
         k.prefix,
         k.label.as_deref().unwrap_or("-"),
         rfc3339(k.created_at),
+        k.last_used_at.map_or_else(|| "never".to_owned(), rfc3339),
         k.revoked_at.map(|t| format!("  revoked {}", rfc3339(t))).unwrap_or_default()
     )
 }

@@ -124,6 +124,19 @@ pub enum KeysCommand {
         #[arg(long)]
         account: AccountId,
     },
+    /// Override a key's rate limit (default: 20 requests/s, bursts of 40).
+    Limit {
+        key_id: KeyId,
+        /// Sustained requests per second.
+        #[arg(long, required_unless_present = "default", requires = "burst")]
+        rate: Option<u32>,
+        /// Requests allowed at once after a quiet period.
+        #[arg(long, requires = "rate")]
+        burst: Option<u32>,
+        /// Remove the override: back to the default limit.
+        #[arg(long, conflicts_with_all = ["rate", "burst"])]
+        default: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

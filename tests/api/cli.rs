@@ -43,6 +43,16 @@ fn admin_round_trip(run: &dyn Fn(&[&str]) -> Output, campaign_file: &Path) {
     assert_eq!(listed["keys"][0]["active"], true);
     assert!(!listed.to_string().contains(&key), "a listing never shows the secret");
     assert!(key.starts_with(str_of(&listed["keys"][0], "prefix")));
+    assert_eq!(listed["keys"][0]["last_used_at"], Value::Null);
+    assert_eq!(listed["keys"][0]["rate_limit"], json!({"per_second": 20, "burst": 40}), "the default");
+
+    let limited = json_of(&run(&["keys", "limit", &key_id, "--rate", "5", "--burst", "10", "--json"]));
+    assert_eq!(limited["rate_limit"], json!({"per_second": 5, "burst": 10}));
+    let listed = json_of(&run(&["keys", "list", "--account", &account_id, "--json"]));
+    assert_eq!(listed["keys"][0]["rate_limit"], json!({"per_second": 5, "burst": 10}));
+    assert!(!run(&["keys", "limit", &key_id, "--rate", "0", "--burst", "1"]).status.success());
+    let reset = json_of(&run(&["keys", "limit", &key_id, "--default", "--json"]));
+    assert_eq!(reset["default"], true);
 
     let campaign = json_of(&run(&["campaigns", "create", "--account", &account_id, "--file", campaign_file.to_str().unwrap(), "--default", "--json"]));
     let campaign_id = str_of(&campaign, "campaign_id").to_owned();
