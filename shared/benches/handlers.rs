@@ -334,7 +334,7 @@ impl Bench {
     /// two the other cases use) are dropped, outside the timed part.
     fn unique(&self) -> u64 {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        if n % 1_000 == 0 {
+        if n.is_multiple_of(1_000) {
             let keep: Vec<String> = (1..=2).map(|i| email(i).key_hash()).collect();
             lock(&self.store.tables).forget_prospects(&keep);
         }
