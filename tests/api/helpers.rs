@@ -176,6 +176,26 @@ pub async fn emulator_sdk_config() -> aws_config::SdkConfig {
     shared::config::aws_sdk_config().await
 }
 
+/// Receives every visible message of an SQS queue, hiding them for five minutes.
+pub async fn receive_all(sqs: &aws_sdk_sqs::Client, queue_url: &str) -> Vec<aws_sdk_sqs::types::Message> {
+    let mut all = Vec::new();
+    loop {
+        let out = sqs
+            .receive_message()
+            .queue_url(queue_url)
+            .max_number_of_messages(10)
+            .visibility_timeout(300)
+            .send()
+            .await
+            .expect("receive messages");
+        let messages = out.messages.unwrap_or_default();
+        if messages.is_empty() {
+            return all;
+        }
+        all.extend(messages);
+    }
+}
+
 /// Creates a table with the production schema (see template.yaml).
 pub async fn create_table(sdk: &aws_config::SdkConfig, name: &str) {
     let client = aws_sdk_dynamodb::Client::new(sdk);
@@ -358,23 +378,7 @@ impl TestApp {
     /// Receives every visible message of the AWS queue, hiding them for five minutes.
     async fn receive_all(&self) -> Vec<aws_sdk_sqs::types::Message> {
         let aws = self.aws.as_ref().expect("aws resources");
-        let mut all = Vec::new();
-        loop {
-            let out = aws
-                .sqs
-                .receive_message()
-                .queue_url(&aws.queue_url)
-                .max_number_of_messages(10)
-                .visibility_timeout(300)
-                .send()
-                .await
-                .expect("receive messages");
-            let messages = out.messages.unwrap_or_default();
-            if messages.is_empty() {
-                return all;
-            }
-            all.extend(messages);
-        }
+        receive_all(&aws.sqs, &aws.queue_url).await
     }
 
     /// Everything the backend stores, as text: every SQLite table (and the database files'

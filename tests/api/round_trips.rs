@@ -172,23 +172,7 @@ impl CountedApp {
 
     /// Every message visible on the queue, hidden for five minutes.
     async fn receive(&self) -> Vec<aws_sdk_sqs::types::Message> {
-        let mut all = Vec::new();
-        loop {
-            let out = self
-                .sqs
-                .receive_message()
-                .queue_url(&self.queue_url)
-                .max_number_of_messages(10)
-                .visibility_timeout(300)
-                .send()
-                .await
-                .expect("receive messages");
-            let messages = out.messages.unwrap_or_default();
-            if messages.is_empty() {
-                return all;
-            }
-            all.extend(messages);
-        }
+        crate::helpers::receive_all(&self.sqs, &self.queue_url).await
     }
 
     async fn delete(&self, messages: &[aws_sdk_sqs::types::Message]) {
