@@ -132,6 +132,12 @@ impl Scheduler {
     #[instrument(skip_all, fields(account_id = %job.account_id, prospect_id = %job.prospect_id, enrollment_id = %job.enrollment_id, step = job.step))]
     pub async fn process(&self, job: &CampaignJob) -> Result<Outcome, JobError> {
         let now = self.ports.clock.now();
+        // A job that knows it is early (the next step, or a retry after backoff) goes back on
+        // the queue without reading anything.
+        if let Some(not_before) = job.not_before.filter(|t| *t > now) {
+            self.ports.queue.publish(job, not_before).await?;
+            return Ok(Outcome::NotDue(not_before));
+        }
         let prospect = self.ports.repo.find(job.account_id, &ProspectRef::EmailHash(job.email_hash.clone())).await?;
         let found = prospect.as_ref().and_then(|p| {
             p.enrollments.iter().find(|e| e.id == job.enrollment_id && p.id == job.prospect_id).cloned().map(|e| (p, e))
@@ -223,8 +229,8 @@ impl Scheduler {
         if campaign.is_last_step(job.step) {
             return self.complete(prospect.clone(), enrollment, now).await;
         }
-        let next = CampaignJob { step: job.step + 1, attempt: 0, not_before: None, ..job.clone() };
-        let due = campaign.due_at(enrollment.enrolled_at, next.step).unwrap_or(now);
+        let due = campaign.due_at(enrollment.enrolled_at, job.step + 1).unwrap_or(now);
+        let next = CampaignJob { step: job.step + 1, attempt: 0, not_before: Some(due), ..job.clone() };
         self.ports.queue.publish(&next, due).await
     }
 

@@ -28,7 +28,8 @@ pub struct CampaignJob {
     /// How many times sending this step failed transiently so far.
     #[serde(default)]
     pub attempt: u32,
-    /// After a transient failure: not to be sent before this (the retry's backoff).
+    /// Not to be handled before this: the step's due time (set when the previous step queues
+    /// it) or the end of a retry's backoff. An earlier delivery is re-queued unread.
     #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
     pub not_before: Option<OffsetDateTime>,
 }
