@@ -4,16 +4,11 @@
 use reqwest::Method;
 use serde_json::json;
 use shared::domain::{CampaignJob, Clock, EnrollmentId, NormalizedEmail, ProspectId, ProspectStatus};
-use shared::ports::ProspectRef;
 use shared::scheduler::{Outcome, ORPHAN_GRACE};
 use time::Duration;
 
 use crate::contract_tests;
-use crate::helpers::{Kind, MailFault, TestApp};
-
-fn by_email(email: &str) -> ProspectRef {
-    ProspectRef::Email(NormalizedEmail::parse(email).unwrap())
-}
+use crate::helpers::{by_email, Kind, MailFault, TestApp};
 
 /// The default campaign's delays (see `CAMPAIGN_FILE`): 0, 10 minutes, 3 days.
 const STEP_2: Duration = Duration::minutes(10);

@@ -5,15 +5,11 @@ use std::collections::HashSet;
 use futures::future::join_all;
 use reqwest::Method;
 use serde_json::{json, Value};
-use shared::domain::{CampaignId, ExternalId, NormalizedEmail, ProspectId, ProspectStatus};
+use shared::domain::{CampaignId, ExternalId, ProspectId, ProspectStatus};
 use shared::ports::ProspectRef;
 
 use crate::contract_tests;
-use crate::helpers::{Kind, TestApp};
-
-fn by_email(email: &str) -> ProspectRef {
-    ProspectRef::Email(NormalizedEmail::parse(email).unwrap())
-}
+use crate::helpers::{by_email, Kind, TestApp};
 
 fn id_of(body: &Value) -> ProspectId {
     ProspectId::parse(body["prospect_id"].as_str().expect("prospect_id")).unwrap()

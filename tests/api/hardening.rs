@@ -9,17 +9,13 @@ use axum::response::IntoResponse;
 use reqwest::Method;
 use serde_json::{json, Value};
 use shared::backend::Backend;
-use shared::domain::{NormalizedEmail, SystemClock};
+use shared::domain::SystemClock;
 use shared::http::{router, Routes};
 use shared::ports::ProspectRef;
 use time::Duration;
 
 use crate::contract_tests;
-use crate::helpers::{create_table, emulator_sdk_config, Kind, TestApp};
-
-fn by_email(email: &str) -> ProspectRef {
-    ProspectRef::Email(NormalizedEmail::parse(email).unwrap())
-}
+use crate::helpers::{by_email, create_table, emulator_sdk_config, Kind, TestApp};
 
 contract_tests!(
     a_retried_post_with_an_idempotency_key_is_replayed_and_writes_once,

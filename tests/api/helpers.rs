@@ -176,6 +176,11 @@ pub async fn emulator_sdk_config() -> aws_config::SdkConfig {
     shared::config::aws_sdk_config().await
 }
 
+/// How the tests name a prospect: by its email.
+pub fn by_email(email: &str) -> ProspectRef {
+    ProspectRef::Email(shared::domain::NormalizedEmail::parse(email).unwrap())
+}
+
 /// Receives every visible message of an SQS queue, hiding them for five minutes.
 pub async fn receive_all(sqs: &aws_sdk_sqs::Client, queue_url: &str) -> Vec<aws_sdk_sqs::types::Message> {
     let mut all = Vec::new();
