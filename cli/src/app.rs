@@ -149,7 +149,8 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
                 ProspectRef::ExternalId(ExternalId::parse(&raw).map_err(|e| AppError::Usage(e.to_string()))?)
             };
             let prospect = backend.repo.find(account, &reference).await?.ok_or_else(|| AppError::Usage("prospect not found".into()))?;
-            let value = prospect_json(&prospect);
+            let completions = backend.completions(&prospect).await?;
+            let value = prospect_json(&prospect, &completions);
             let text = serde_json::to_string_pretty(&value).unwrap_or_default();
             emit(j, &value, &text);
         }
@@ -184,13 +185,14 @@ fn campaign_json(c: &Campaign, is_default: bool) -> Value {
     })
 }
 
-fn prospect_json(p: &Prospect) -> Value {
+fn prospect_json(p: &Prospect, completions: &[Option<time::OffsetDateTime>]) -> Value {
     let enrollments: Vec<Value> = p
         .enrollments
         .iter()
-        .map(|e| json!({
+        .zip(completions)
+        .map(|(e, completed_at)| json!({
             "enrollment_id": e.id, "campaign_id": e.campaign_id, "enrolled_at": rfc3339(e.enrolled_at),
-            "completed_at": e.completed_at.map(rfc3339), "active": p.is_active(e),
+            "completed_at": completed_at.map(rfc3339), "active": p.is_active(e) && completed_at.is_none(),
         }))
         .collect();
     json!({

@@ -36,6 +36,24 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// When each enrollment of `prospect` completed its campaign (its last step's claim in the
+    /// send log), in the order of `prospect.enrollments`; `None` while it has steps to go.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    pub async fn completions(&self, prospect: &crate::domain::Prospect) -> Result<Vec<Option<time::OffsetDateTime>>, StoreError> {
+        let mut completions = Vec::with_capacity(prospect.enrollments.len());
+        for enrollment in &prospect.enrollments {
+            let last_step = self.admin.get_campaign(enrollment.campaign_id).await?.map(|c| c.steps.len().saturating_sub(1));
+            let completed = match last_step.and_then(|s| u32::try_from(s).ok()) {
+                Some(step) => self.sends.claimed_at(enrollment.id, step).await?,
+                None => None,
+            };
+            completions.push(completed);
+        }
+        Ok(completions)
+    }
+
     /// The embedded backend: one SQLite file in `data_dir`, job queue included.
     ///
     /// # Errors

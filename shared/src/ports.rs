@@ -123,6 +123,16 @@ pub trait JobQueue: Send + Sync {
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`] when it was not accepted.
     async fn publish(&self, job: &CampaignJob, visible_at: OffsetDateTime) -> Result<(), StoreError>;
+
+    /// Publishes several jobs, as few calls as the queue allows (SQS: one `SendMessageBatch`
+    /// per 10). Returns one result per job, in order: a job may fail while others are taken.
+    async fn publish_batch(&self, jobs: &[(CampaignJob, OffsetDateTime)]) -> Vec<Result<(), StoreError>> {
+        let mut results = Vec::with_capacity(jobs.len());
+        for (job, visible_at) in jobs {
+            results.push(self.publish(job, *visible_at).await);
+        }
+        results
+    }
 }
 
 /// The result of claiming a send.
@@ -148,6 +158,13 @@ pub trait SendLog: Send + Sync {
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
     async fn release_send(&self, enrollment: EnrollmentId, step: u32) -> Result<(), StoreError>;
+
+    /// When step `step` of an enrollment was claimed, if it was (and not released). An
+    /// enrollment whose last step is claimed has completed its campaign.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn claimed_at(&self, enrollment: EnrollmentId, step: u32) -> Result<Option<OffsetDateTime>, StoreError>;
 }
 
 /// Looking up keys for authentication.

@@ -8,9 +8,10 @@
 //!
 //! Exactly once: before sending, the scheduler claims (enrollment, step) with one conditional
 //! write. A redelivered or concurrent job finds the claim and sends nothing. Only the claim's
-//! winner publishes the next step, unless the claim is older than [`CLAIM_LEASE`] (its worker
-//! died between claiming and publishing), in which case the next step is published without
-//! sending again.
+//! winner publishes the next step; a job that finds a claim younger than [`CLAIM_LEASE`] comes
+//! back when it is older, and then publishes the next step without sending again (in case the
+//! claimant died between claiming and publishing; a duplicate next-step job finds that step's
+//! claim in turn). After the last step nothing is written: its claim records the completion.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use crate::domain::{
     Campaign, CampaignId, CampaignJob, Clock, Enrollment, Prospect, ProspectStatus, UnsubscribeSecret,
 };
 use crate::ports::{
-    AdminStore, Claim, Conflict, JobQueue, MailError, Mailer, OutgoingEmail, ProspectRef, ProspectRepository, SendLog,
+    AdminStore, Claim, JobQueue, MailError, Mailer, OutgoingEmail, ProspectRef, ProspectRepository, SendLog,
     StoreError,
 };
 
@@ -129,14 +130,23 @@ impl Scheduler {
     /// # Errors
     /// [`JobError::Store`] when storage or the queue failed (the job should be retried);
     /// [`JobError::Exhausted`] when the provider failed transiently too many times.
-    #[instrument(skip_all, fields(account_id = %job.account_id, prospect_id = %job.prospect_id, enrollment_id = %job.enrollment_id, step = job.step))]
     pub async fn process(&self, job: &CampaignJob) -> Result<Outcome, JobError> {
+        let handled = self.handle(job).await?;
+        if let Some((next, visible_at)) = &handled.publish {
+            self.ports.queue.publish(next, *visible_at).await?;
+        }
+        Ok(handled.outcome)
+    }
+
+    /// Handles one job and says which job, if any, goes on the queue after it (the same job
+    /// re-queued, its retry, or the next step), so a batch can publish them together.
+    #[instrument(skip_all, fields(account_id = %job.account_id, prospect_id = %job.prospect_id, enrollment_id = %job.enrollment_id, step = job.step))]
+    async fn handle(&self, job: &CampaignJob) -> Result<Handled, JobError> {
         let now = self.ports.clock.now();
         // A job that knows it is early (the next step, or a retry after backoff) goes back on
         // the queue without reading anything.
         if let Some(not_before) = job.not_before.filter(|t| *t > now) {
-            self.ports.queue.publish(job, not_before).await?;
-            return Ok(Outcome::NotDue(not_before));
+            return Ok(Handled::requeue(job, not_before));
         }
         let prospect = self.ports.repo.find(job.account_id, &ProspectRef::EmailHash(job.email_hash.clone())).await?;
         let found = prospect.as_ref().and_then(|p| {
@@ -144,33 +154,34 @@ impl Scheduler {
         });
         let Some((prospect, enrollment)) = found else {
             if now - job.published_at < ORPHAN_GRACE {
-                let again = now + Duration::seconds(FIRST_BACKOFF_SECONDS);
-                self.ports.queue.publish(job, again).await?;
-                return Ok(Outcome::NotDue(again));
+                return Ok(Handled::requeue(job, now + Duration::seconds(FIRST_BACKOFF_SECONDS)));
             }
-            return Ok(Outcome::Dropped("no such enrollment"));
+            return Ok(Handled::done(Outcome::Dropped("no such enrollment")));
         };
         if !prospect.is_active(&enrollment) {
-            return Ok(Outcome::Dropped("enrollment ended"));
+            return Ok(Handled::done(Outcome::Dropped("enrollment ended")));
         }
-        let Some(campaign) = self.campaign(job.campaign_id).await? else { return Ok(Outcome::Dropped("no such campaign")) };
+        let Some(campaign) = self.campaign(job.campaign_id).await? else {
+            return Ok(Handled::done(Outcome::Dropped("no such campaign")));
+        };
         let Some(step) = usize::try_from(job.step).ok().and_then(|i| campaign.steps.get(i)) else {
-            return Ok(Outcome::Dropped("no such step"));
+            return Ok(Handled::done(Outcome::Dropped("no such step")));
         };
         let step_due = campaign.due_at(enrollment.enrolled_at, job.step).unwrap_or(now);
         let due = job.not_before.map_or(step_due, |t| t.max(step_due));
         if due > now {
-            self.ports.queue.publish(job, due).await?;
-            return Ok(Outcome::NotDue(due));
+            return Ok(Handled::requeue(job, due));
         }
 
         match self.ports.sends.claim_send(enrollment.id, job.step, now).await? {
             Claim::Won => {}
             Claim::Held { since } if now - since >= CLAIM_LEASE => {
-                self.advance(prospect, &enrollment, &campaign, job, now).await?;
-                return Ok(Outcome::Dropped("already sent; next step ensured"));
+                let next = self.advance(&enrollment, &campaign, job, now);
+                return Ok(Handled { outcome: Outcome::Dropped("already sent; next step ensured"), publish: next });
             }
-            Claim::Held { .. } => return Ok(Outcome::Dropped("already sent")),
+            // A duplicate delivery, or the claimant is still at work (or died after claiming):
+            // come back when the claim's lease ends, and make sure of the next step then.
+            Claim::Held { since } => return Ok(Handled::requeue(job, since + CLAIM_LEASE)),
         }
 
         let unsubscribe_url = self.settings.unsubscribe_url(prospect);
@@ -178,8 +189,8 @@ impl Scheduler {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "step cannot be rendered; skipping it");
-                self.advance(prospect, &enrollment, &campaign, job, now).await?;
-                return Ok(Outcome::Dropped("template failed to render"));
+                let next = self.advance(&enrollment, &campaign, job, now);
+                return Ok(Handled { outcome: Outcome::Dropped("template failed to render"), publish: next });
             }
         };
         let email = OutgoingEmail {
@@ -193,8 +204,7 @@ impl Scheduler {
         match self.ports.mailer.send(&email).await {
             Ok(()) => {
                 info!("campaign email sent");
-                self.advance(prospect, &enrollment, &campaign, job, now).await?;
-                Ok(Outcome::Sent)
+                Ok(Handled { outcome: Outcome::Sent, publish: self.advance(&enrollment, &campaign, job, now) })
             }
             Err(MailError::Transient(e)) => {
                 self.ports.sends.release_send(enrollment.id, job.step).await?;
@@ -206,53 +216,43 @@ impl Scheduler {
                 let backoff = Duration::seconds(FIRST_BACKOFF_SECONDS << attempt.min(10));
                 warn!(error = %e, attempt, "mail provider failed; retrying with backoff");
                 let retry = CampaignJob { attempt, not_before: Some(now + backoff), ..job.clone() };
-                self.ports.queue.publish(&retry, now + backoff).await?;
-                Ok(Outcome::Retrying(now + backoff))
+                Ok(Handled { outcome: Outcome::Retrying(now + backoff), publish: Some((retry, now + backoff)) })
             }
             Err(MailError::Rejected(reason)) => {
                 warn!(reason = %reason, "recipient rejected: marking the prospect bounced");
                 self.ports.repo.set_status(job.account_id, &ProspectRef::Id(prospect.id), ProspectStatus::Bounced, now).await?;
-                Ok(Outcome::Dropped("recipient rejected"))
+                Ok(Handled::done(Outcome::Dropped("recipient rejected")))
             }
         }
     }
 
-    /// After a step: queue the next one, or mark the enrollment completed after the last.
-    async fn advance(
-        &self,
-        prospect: &Prospect,
-        enrollment: &Enrollment,
-        campaign: &Campaign,
-        job: &CampaignJob,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
+    /// After a step: the next step's job, due when that step is. After the last step there
+    /// is none, and nothing is written: the last step's claim in the send log is the record
+    /// that the enrollment completed.
+    fn advance(&self, enrollment: &Enrollment, campaign: &Campaign, job: &CampaignJob, now: OffsetDateTime) -> Option<(CampaignJob, OffsetDateTime)> {
         if campaign.is_last_step(job.step) {
-            return self.complete(prospect.clone(), enrollment, now).await;
+            info!("enrollment completed its campaign");
+            return None;
         }
         let due = campaign.due_at(enrollment.enrolled_at, job.step + 1).unwrap_or(now);
-        let next = CampaignJob { step: job.step + 1, attempt: 0, not_before: Some(due), ..job.clone() };
-        self.ports.queue.publish(&next, due).await
+        Some((CampaignJob { step: job.step + 1, attempt: 0, not_before: Some(due), ..job.clone() }, due))
+    }
+}
+
+/// What handling one job decided.
+struct Handled {
+    outcome: Outcome,
+    /// The job to put on the queue, and when it becomes visible.
+    publish: Option<(CampaignJob, OffsetDateTime)>,
+}
+
+impl Handled {
+    fn done(outcome: Outcome) -> Self {
+        Self { outcome, publish: None }
     }
 
-    async fn complete(&self, mut current: Prospect, enrollment: &Enrollment, now: OffsetDateTime) -> Result<(), StoreError> {
-        for _ in 0..5 {
-            let mut updated = current.clone();
-            let Some(e) = updated.enrollments.iter_mut().find(|e| e.id == enrollment.id) else { return Ok(()) };
-            if e.completed_at.is_some() {
-                return Ok(());
-            }
-            e.completed_at = Some(now);
-            updated.updated_at = now;
-            match self.ports.repo.update(&current, &updated).await {
-                Err(StoreError::Conflict(Conflict::Version)) => {
-                    let reread = self.ports.repo.find(current.account_id, &ProspectRef::Id(current.id)).await?;
-                    let Some(p) = reread else { return Ok(()) };
-                    current = p;
-                }
-                other => return other,
-            }
-        }
-        Err(StoreError::Unavailable("prospect kept changing while completing its enrollment".into()))
+    fn requeue(job: &CampaignJob, at: OffsetDateTime) -> Self {
+        Self { outcome: Outcome::NotDue(at), publish: Some((job.clone(), at)) }
     }
 }
 
@@ -260,20 +260,48 @@ impl Scheduler {
 /// and only the ids of those that failed are returned (`ReportBatchItemFailures`), so one bad
 /// message never fails the batch; SQS redelivers the failed ones and, past the queue's
 /// `maxReceiveCount`, moves them to the dead-letter queue.
+///
+/// The jobs the batch hands back to the queue (re-queued early jobs, retries, next steps) are
+/// published together at the end, in as few calls as the queue allows (one `SendMessageBatch`
+/// per 10); a message whose follow-up job was not taken is reported failed, so SQS delivers it
+/// again and its claim, or its lease, decides what happens then.
 pub async fn handle_sqs_batch(
     scheduler: &Scheduler,
     event: aws_lambda_events::event::sqs::SqsEvent,
 ) -> aws_lambda_events::event::sqs::SqsBatchResponse {
-    let mut response = aws_lambda_events::event::sqs::SqsBatchResponse::default();
+    let mut failed = Vec::new();
+    let mut follow_ups = Vec::new();
     for record in event.records {
         let id = record.message_id.unwrap_or_default();
-        let result = scheduler.process_message(record.body.as_deref().unwrap_or_default()).await;
-        if let Err(e) = result {
-            warn!(message_id = %id, error = %e, "campaign job failed");
-            let mut failure = aws_lambda_events::event::sqs::BatchItemFailure::default();
-            failure.item_identifier = id;
-            response.batch_item_failures.push(failure);
+        let body = record.body.as_deref().unwrap_or_default();
+        let handled = match serde_json::from_str::<CampaignJob>(body) {
+            Ok(job) => scheduler.handle(&job).await,
+            Err(e) => Err(JobError::Malformed(e.to_string())),
+        };
+        match handled {
+            Ok(Handled { publish: Some(follow_up), .. }) => follow_ups.push((id, follow_up)),
+            Ok(Handled { publish: None, .. }) => {}
+            Err(e) => {
+                warn!(message_id = %id, error = %e, "campaign job failed");
+                failed.push(id);
+            }
         }
+    }
+    if !follow_ups.is_empty() {
+        let (ids, jobs): (Vec<String>, Vec<(CampaignJob, OffsetDateTime)>) = follow_ups.into_iter().unzip();
+        let results = scheduler.ports.queue.publish_batch(&jobs).await;
+        for (id, result) in ids.into_iter().zip(results) {
+            if let Err(e) = result {
+                warn!(message_id = %id, error = %e, "campaign job's follow-up was not queued");
+                failed.push(id);
+            }
+        }
+    }
+    let mut response = aws_lambda_events::event::sqs::SqsBatchResponse::default();
+    for id in failed {
+        let mut failure = aws_lambda_events::event::sqs::BatchItemFailure::default();
+        failure.item_identifier = id;
+        response.batch_item_failures.push(failure);
     }
     response
 }

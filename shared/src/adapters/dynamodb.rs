@@ -826,6 +826,11 @@ impl SendLog for DynamoStore {
             .map_err(sdk_error)?;
         Ok(())
     }
+
+    async fn claimed_at(&self, enrollment: EnrollmentId, step: u32) -> Result<Option<OffsetDateTime>, StoreError> {
+        let item = self.get(format!("SEND#{enrollment}#{step}"), true).await?;
+        item.map(|i| super::record::parse_rfc3339(&get_s(&i, "claimed_at")?)).transpose()
+    }
 }
 
 impl DynamoStore {

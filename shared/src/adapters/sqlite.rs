@@ -419,6 +419,18 @@ impl SendLog for SqliteStore {
         })
         .await
     }
+
+    async fn claimed_at(&self, enrollment: EnrollmentId, step: u32) -> Result<Option<OffsetDateTime>, StoreError> {
+        let id = enrollment.to_string();
+        self.call(move |conn| {
+            let since: Option<String> = conn
+                .query_row("SELECT claimed_at FROM sends WHERE enrollment_id = ?1 AND step = ?2", params![id, step], |r| r.get(0))
+                .optional()
+                .map_err(db_error)?;
+            since.as_deref().map(super::record::parse_rfc3339).transpose()
+        })
+        .await
+    }
 }
 
 /// The outbox mailer: stores each email in the embedded store instead of sending it

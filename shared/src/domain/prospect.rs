@@ -137,8 +137,10 @@ impl ProspectChanges {
     }
 }
 
-/// One enrollment of a prospect in a campaign. It is active while the prospect's status is
-/// `new`, it has not completed, and no status change has ended it (see [`Prospect::is_active`]).
+/// One enrollment of a prospect in a campaign. It may send while the prospect's status is
+/// `new` and no status change has ended it (see [`Prospect::is_active`]). Its progress is in
+/// the send log, not here: after the last step no job follows, so completing an enrollment
+/// writes nothing (see [`crate::ports::SendLog::claimed_at`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Enrollment {
     pub id: EnrollmentId,
@@ -147,8 +149,6 @@ pub struct Enrollment {
     pub campaign_id: CampaignId,
     #[serde(with = "time::serde::rfc3339")]
     pub enrolled_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option", default)]
-    pub completed_at: Option<OffsetDateTime>,
 }
 
 /// A stored prospect.
@@ -246,7 +246,6 @@ impl Prospect {
             seq: u32::try_from(self.enrollments.len()).map_or(u32::MAX, |n| n.saturating_add(1)),
             campaign_id,
             enrolled_at: now,
-            completed_at: None,
         };
         self.enrollments.push(enrollment.clone());
         Some(enrollment)
@@ -255,7 +254,7 @@ impl Prospect {
     /// Whether an enrollment may still send email.
     #[must_use]
     pub fn is_active(&self, enrollment: &Enrollment) -> bool {
-        self.status == ProspectStatus::New && enrollment.completed_at.is_none() && enrollment.seq > self.ended_through
+        self.status == ProspectStatus::New && enrollment.seq > self.ended_through
     }
 
     /// Sets the status; a status other than `new` ends every enrollment. Setting `new` again
