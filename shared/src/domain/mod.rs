@@ -20,7 +20,7 @@ pub use idempotency::{
     IN_FLIGHT_LEASE,
 };
 pub use job::CampaignJob;
-pub use rate_limit::{gcra, RateDecision, RateLimit};
+pub use rate_limit::{ceil_seconds, gcra, gcra_take, lease_size, RateDecision, RateLimit, Take, LEASE_LIFETIME};
 pub use key::{ApiKey, ApiKeyRecord, KeyHash};
 pub use prospect::{
     Enrollment, ExternalId, FieldChange, FieldError, Prospect, ProspectChanges, ProspectStatus,
