@@ -8,10 +8,11 @@
 //!
 //! Exactly once: before sending, the scheduler claims (enrollment, step) with one conditional
 //! write. A redelivered or concurrent job finds the claim and sends nothing. Only the claim's
-//! winner publishes the next step; a job that finds a claim younger than [`CLAIM_LEASE`] comes
-//! back when it is older, and then publishes the next step without sending again (in case the
-//! claimant died between claiming and publishing; a duplicate next-step job finds that step's
-//! claim in turn). After the last step nothing is written: its claim records the completion.
+//! winner publishes the next step, unless the claim is older than [`CLAIM_LEASE`]: then the job
+//! is a redelivery after its worker failed between claiming and publishing (the queue redelivers
+//! only after longer than that), and it publishes the next step without sending again (a
+//! duplicate next-step job would find that step's claim in turn). After the last step nothing
+//! is written: its claim records the completion.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -30,8 +31,13 @@ use crate::ports::{
 /// How long a job may arrive before its enrollment is visible (the job is published just
 /// before the enrollment is written) before it is taken for an orphan and dropped.
 pub const ORPHAN_GRACE: Duration = Duration::minutes(5);
-/// How long after a claim its worker is presumed dead if the next step is still missing.
-pub const CLAIM_LEASE: Duration = Duration::minutes(5);
+/// How long after a claim its worker is presumed done or dead. Longer than a worker holds a
+/// job (the scheduler function's timeout is 30 s), and shorter than the queue takes to deliver
+/// a job again after its handling failed (the SQS visibility timeout, 180 s; the embedded
+/// queue's lease, 2 minutes): so a job redelivered because its next step was not published
+/// always finds the claim past its lease and publishes that step, while a duplicate delivered
+/// alongside the claimant finds it fresh and does nothing.
+pub const CLAIM_LEASE: Duration = Duration::minutes(1);
 /// Transient provider failures are retried this many times, with exponential backoff.
 pub const MAX_SEND_ATTEMPTS: u32 = 8;
 const FIRST_BACKOFF_SECONDS: i64 = 30;
@@ -179,9 +185,7 @@ impl Scheduler {
                 let next = self.advance(&enrollment, &campaign, job, now);
                 return Ok(Handled { outcome: Outcome::Dropped("already sent; next step ensured"), publish: next });
             }
-            // A duplicate delivery, or the claimant is still at work (or died after claiming):
-            // come back when the claim's lease ends, and make sure of the next step then.
-            Claim::Held { since } => return Ok(Handled::requeue(job, since + CLAIM_LEASE)),
+            Claim::Held { .. } => return Ok(Handled::done(Outcome::Dropped("already sent"))),
         }
 
         let unsubscribe_url = self.settings.unsubscribe_url(prospect);
@@ -308,6 +312,8 @@ pub async fn handle_sqs_batch(
 
 /// How long a job taken from the embedded queue stays hidden while it is handled.
 const EMBEDDED_LEASE: Duration = Duration::minutes(2);
+// A job the embedded queue hands out again finds its claim past the lease (see CLAIM_LEASE).
+const _: () = assert!(EMBEDDED_LEASE.whole_seconds() > CLAIM_LEASE.whole_seconds());
 /// A job that failed on storage this many times is dead-lettered.
 const EMBEDDED_MAX_DELIVERIES: u32 = 10;
 

@@ -4,7 +4,7 @@
 use reqwest::Method;
 use serde_json::json;
 use shared::domain::{CampaignJob, Clock, EnrollmentId, NormalizedEmail, ProspectId, ProspectStatus};
-use shared::scheduler::{Outcome, ORPHAN_GRACE};
+use shared::scheduler::{Outcome, CLAIM_LEASE, ORPHAN_GRACE};
 use time::Duration;
 
 use crate::contract_tests;
@@ -22,6 +22,7 @@ contract_tests!(
     the_unsubscribe_link_stops_the_campaign,
     transient_failures_are_retried_and_rejections_mark_the_prospect_bounced,
     a_job_whose_enrollment_never_appeared_is_dropped,
+    a_next_step_lost_after_sending_is_published_by_the_redelivery,
 );
 
 async fn a_three_step_campaign_sends_each_email_at_its_due_time(kind: Kind) {
@@ -176,4 +177,31 @@ async fn a_job_whose_enrollment_never_appeared_is_dropped(kind: Kind) {
     assert!(matches!(early, Outcome::NotDue(_)), "within the grace period the enrollment may still appear: {early:?}");
     assert_eq!(late, Outcome::Dropped("no such enrollment"));
     assert!(app.mailer.sent().is_empty());
+}
+
+async fn a_next_step_lost_after_sending_is_published_by_the_redelivery(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    app.post(&json!({"email": "gil@example.com"})).await;
+    let first = app.queued_jobs().await.remove(0);
+
+    // The first step is sent, then the queue refuses its next step: the job fails.
+    app.queue.fail_next(1);
+    assert!(app.scheduler.process(&first).await.is_err(), "the job fails when its next step is not queued");
+    assert_eq!(app.mailer.sent().len(), 1);
+
+    // The queue delivers it again after its visibility timeout (embedded: its lease), longer
+    // than the claim's lease: nothing is sent, the next step is published.
+    app.clock.advance(Duration::minutes(2));
+    assert!(Duration::minutes(2) > CLAIM_LEASE);
+    assert_eq!(app.scheduler.process(&first).await.unwrap(), Outcome::Dropped("already sent; next step ensured"));
+    app.tick(1).await;
+    assert_eq!(app.mailer.sent().len(), 1, "the first step is not sent again");
+
+    app.clock.advance(STEP_2);
+    app.tick(1).await;
+    app.clock.advance(STEP_3);
+    app.tick(1).await;
+    app.tick(1).await;
+    let subjects: Vec<String> = app.mailer.sent().into_iter().map(|e| e.subject).collect();
+    assert_eq!(subjects, vec!["Hi ", "Tips", "Last call"], "every step once");
 }

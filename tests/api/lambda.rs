@@ -360,3 +360,15 @@ fn every_variable_a_function_reads_is_set_in_its_template_function_and_every_one
         assert_eq!(reads, set, "{} ({}): variables read by main.rs vs set in template.yaml", function.binary, function.logical_id);
     }
 }
+
+#[test]
+fn the_claim_lease_outlasts_a_scheduler_invocation_and_ends_before_sqs_redelivers() {
+    let text = std::fs::read_to_string(repo_root().join("template.yaml")).unwrap();
+    let template: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+    let seconds = |v: &serde_norway::Value| v.as_i64().expect("a number of seconds");
+    let function_timeout = seconds(&template["Resources"]["SchedulerFunction"]["Properties"]["Timeout"]);
+    let visibility_timeout = seconds(&template["Resources"]["CampaignJobsQueue"]["Properties"]["VisibilityTimeout"]);
+    let lease = shared::scheduler::CLAIM_LEASE.whole_seconds();
+    assert!(function_timeout < lease, "a claim outlives the invocation that made it ({function_timeout} s >= {lease} s)");
+    assert!(lease < visibility_timeout, "a redelivered job finds its claim past the lease ({lease} s >= {visibility_timeout} s)");
+}
