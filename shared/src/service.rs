@@ -141,9 +141,8 @@ impl ProspectService {
     }
 
     /// The stored record of a presented key, through the key cache.
-    async fn key_record(&self, hash: &KeyHash) -> Result<Option<ApiKeyRecord>, ServiceError> {
+    async fn key_record(&self, hash: &KeyHash, now: OffsetDateTime) -> Result<Option<ApiKeyRecord>, ServiceError> {
         let ttl = self.ports.key_cache_ttl;
-        let now = self.ports.clock.now();
         if !ttl.is_zero() {
             let fresh = |(_, at): &&(ApiKeyRecord, OffsetDateTime)| (now - *at).unsigned_abs() < ttl;
             let cached = self.key_cache.lock().ok().and_then(|c| c.get(hash).filter(fresh).map(|(r, _)| r.clone()));
@@ -170,11 +169,11 @@ impl ProspectService {
         let raw = raw_key.map(str::trim).filter(|k| !k.is_empty() && k.len() <= KEY_MAX_LEN);
         let Some(raw) = raw else { return Err(ServiceError::Unauthorized) };
         let hash = ApiKey::from_raw(raw).hash();
-        let record = match self.key_record(&hash).await? {
+        let now = self.ports.clock.now();
+        let record = match self.key_record(&hash, now).await? {
             Some(record) if record.is_active() => record,
             _ => return Err(ServiceError::Unauthorized),
         };
-        let now = self.ports.clock.now();
         if record.last_used_at.is_none_or(|t| now - t >= TOUCH_INTERVAL) {
             if let Err(e) = self.ports.keys.touch_key(&hash, now).await {
                 tracing::warn!(key_id = %record.key_id, error = %e, "could not record the key's last use");
@@ -248,12 +247,16 @@ impl ProspectService {
                     self.ports.repo.insert(&prospect).await.map(|()| UpsertOutcome { prospect_id: prospect.id, created: true })
                 }
                 Some(previous) => {
+                    let outcome = UpsertOutcome { prospect_id: previous.id, created: false };
+                    // An identical POST (the common retry) is answered without copying the prospect.
+                    let enrolls = requested.is_some_and(|c| previous.can_enroll(c));
+                    if !enrolls && !previous.would_change(&cmd.email, &cmd.changes)? {
+                        return Ok(outcome);
+                    }
                     let mut prospect = previous.clone();
-                    let mut changed = prospect.apply(&cmd.email, &cmd.changes)?;
+                    let changed = prospect.apply(&cmd.email, &cmd.changes)?;
                     let enrollment = requested.and_then(|c| prospect.enroll(c, now));
-                    changed |= enrollment.is_some();
-                    let outcome = UpsertOutcome { prospect_id: prospect.id, created: false };
-                    if !changed {
+                    if !changed && enrollment.is_none() {
                         return Ok(outcome);
                     }
                     prospect.updated_at = now;

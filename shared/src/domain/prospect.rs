@@ -198,47 +198,93 @@ impl Prospect {
     /// [`FieldError::MetadataTooLarge`] when the merged metadata is over [`METADATA_MAX_BYTES`];
     /// the prospect is then left as it was.
     pub fn apply(&mut self, email: &NormalizedEmail, changes: &ProspectChanges) -> Result<bool, FieldError> {
-        let metadata = match &changes.metadata {
-            Some(patch) => {
-                let mut merged = Value::Object(self.metadata.clone());
-                json_patch::merge(&mut merged, &Value::Object(patch.clone()));
-                let Value::Object(merged) = merged else { return Err(FieldError::MetadataNotObject) };
-                if serde_json::to_vec(&merged).map_or(usize::MAX, |v| v.len()) > METADATA_MAX_BYTES {
-                    return Err(FieldError::MetadataTooLarge);
-                }
+        let merged = match &changes.metadata {
+            Some(patch) if merge_changes(&self.metadata, patch) => {
+                let mut merged = self.metadata.clone();
+                merge(&mut merged, patch);
+                check_metadata_size(&merged)?;
                 Some(merged)
+            }
+            Some(_) => {
+                check_metadata_size(&self.metadata)?;
+                None
             }
             None => None,
         };
-        let before = (self.email.original().to_owned(), self.fields.clone(), self.external_id.clone(), self.metadata.clone());
-        self.email = email.clone();
+        let mut changed = self.email.original() != email.original();
+        if self.email != *email {
+            self.email = email.clone();
+        }
         for (name, change) in &changes.fields {
             match change {
                 FieldChange::Unchanged => {}
-                FieldChange::Clear => {
-                    self.fields.remove(*name);
-                }
-                FieldChange::Set(v) => {
-                    self.fields.insert((*name).to_owned(), v.clone());
-                }
+                FieldChange::Clear => changed |= self.fields.remove(*name).is_some(),
+                FieldChange::Set(v) => match self.fields.get_mut(*name) {
+                    Some(current) if current == v => {}
+                    Some(current) => {
+                        current.clone_from(v);
+                        changed = true;
+                    }
+                    None => {
+                        self.fields.insert((*name).to_owned(), v.clone());
+                        changed = true;
+                    }
+                },
             }
         }
         match &changes.external_id {
             FieldChange::Unchanged => {}
-            FieldChange::Clear => self.external_id = None,
-            FieldChange::Set(v) => self.external_id = Some(v.clone()),
+            FieldChange::Clear => changed |= self.external_id.take().is_some(),
+            FieldChange::Set(v) => {
+                if self.external_id.as_ref() != Some(v) {
+                    self.external_id = Some(v.clone());
+                    changed = true;
+                }
+            }
         }
-        if let Some(merged) = metadata {
+        if let Some(merged) = merged {
             self.metadata = merged;
+            changed = true;
         }
-        let after = (self.email.original(), &self.fields, &self.external_id, &self.metadata);
-        Ok(before.0 != after.0 || &before.1 != after.1 || &before.2 != after.2 || &before.3 != after.3)
+        Ok(changed)
+    }
+
+    /// Whether [`Prospect::apply`] would change anything, without changing the prospect (and
+    /// without the cost of a copy when it would not).
+    ///
+    /// # Errors
+    /// [`FieldError::MetadataTooLarge`] when the metadata is unchanged by the patch but over
+    /// [`METADATA_MAX_BYTES`]; a changing patch is checked by `apply`.
+    pub fn would_change(&self, email: &NormalizedEmail, changes: &ProspectChanges) -> Result<bool, FieldError> {
+        if let Some(patch) = &changes.metadata {
+            if merge_changes(&self.metadata, patch) {
+                return Ok(true);
+            }
+            check_metadata_size(&self.metadata)?;
+        }
+        let field_changes = changes.fields.iter().any(|(name, change)| match change {
+            FieldChange::Unchanged => false,
+            FieldChange::Clear => self.fields.contains_key(*name),
+            FieldChange::Set(v) => self.fields.get(*name) != Some(v),
+        });
+        let external_id_changes = match &changes.external_id {
+            FieldChange::Unchanged => false,
+            FieldChange::Clear => self.external_id.is_some(),
+            FieldChange::Set(v) => self.external_id.as_ref() != Some(v),
+        };
+        Ok(self.email.original() != email.original() || field_changes || external_id_changes)
+    }
+
+    /// Whether [`Prospect::enroll`] would enroll the prospect in `campaign_id`.
+    #[must_use]
+    pub fn can_enroll(&self, campaign_id: CampaignId) -> bool {
+        self.status == ProspectStatus::New && !self.enrollments.iter().any(|e| e.campaign_id == campaign_id)
     }
 
     /// Enrolls the prospect in `campaign_id` unless its status is not `new` or it was ever
     /// enrolled in that campaign before. Returns the new enrollment.
     pub fn enroll(&mut self, campaign_id: CampaignId, now: OffsetDateTime) -> Option<Enrollment> {
-        if self.status != ProspectStatus::New || self.enrollments.iter().any(|e| e.campaign_id == campaign_id) {
+        if !self.can_enroll(campaign_id) {
             return None;
         }
         let enrollment = Enrollment {
@@ -274,9 +320,52 @@ impl Prospect {
     }
 }
 
+/// Whether merging the RFC 7396 `patch` into `target` changes it.
+fn merge_changes(target: &Map<String, Value>, patch: &Map<String, Value>) -> bool {
+    patch.iter().any(|(key, value)| match (target.get(key), value) {
+        (None, Value::Null) => false,
+        (None, _) | (Some(_), Value::Null) => true,
+        (Some(Value::Object(current)), Value::Object(patch)) => merge_changes(current, patch),
+        (Some(_), Value::Object(_)) => true,
+        (Some(current), value) => current != value,
+    })
+}
+
+/// Merges the RFC 7396 `patch` into `target`.
+fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+    for (key, value) in patch {
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            json_patch::merge(target.entry(key.as_str()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+/// Refuses metadata over [`METADATA_MAX_BYTES`] as compact JSON, counting the bytes rather
+/// than keeping them, and stopping at the limit.
+fn check_metadata_size(metadata: &Map<String, Value>) -> Result<(), FieldError> {
+    /// Counts what is written, failing once past the limit.
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            if self.0 > METADATA_MAX_BYTES {
+                return Err(std::io::ErrorKind::FileTooLarge.into());
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    serde_json::to_writer(&mut Counter(0), metadata).map_err(|_| FieldError::MetadataTooLarge)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn prospect() -> Prospect {
@@ -328,6 +417,140 @@ mod tests {
         set.fields.insert("city", FieldChange::Set("Oslo".into()));
         assert!(p.apply(&email, &set).unwrap());
         assert!(!p.apply(&email, &set).unwrap());
+    }
+
+    #[test]
+    fn only_a_changing_metadata_patch_counts_as_a_change() {
+        let mut p = prospect();
+        let email = p.email.clone();
+        let patch = metadata_patch(json!({"plan": "pro", "ui": {"theme": "dark"}, "gone": null}));
+        assert_eq!(p.would_change(&email, &patch), Ok(true));
+        assert!(p.apply(&email, &patch).unwrap());
+        for same in [json!({"plan": "pro"}), json!({"ui": {"theme": "dark", "x": null}}), json!({"gone": null}), json!({})] {
+            assert_eq!(p.would_change(&email, &metadata_patch(same.clone())), Ok(false), "{same}");
+            assert!(!p.apply(&email, &metadata_patch(same)).unwrap());
+        }
+    }
+
+    /// `apply` as it was: merge into a copy, then compare everything before and after.
+    fn reference_apply(p: &mut Prospect, email: &NormalizedEmail, changes: &ProspectChanges) -> Result<bool, FieldError> {
+        let metadata = match &changes.metadata {
+            Some(patch) => {
+                let mut merged = Value::Object(p.metadata.clone());
+                json_patch::merge(&mut merged, &Value::Object(patch.clone()));
+                let Value::Object(merged) = merged else { return Err(FieldError::MetadataNotObject) };
+                if serde_json::to_vec(&merged).map_or(usize::MAX, |v| v.len()) > METADATA_MAX_BYTES {
+                    return Err(FieldError::MetadataTooLarge);
+                }
+                Some(merged)
+            }
+            None => None,
+        };
+        let before = p.clone();
+        p.email = email.clone();
+        for (name, change) in &changes.fields {
+            match change {
+                FieldChange::Unchanged => {}
+                FieldChange::Clear => {
+                    p.fields.remove(*name);
+                }
+                FieldChange::Set(v) => {
+                    p.fields.insert((*name).to_owned(), v.clone());
+                }
+            }
+        }
+        match &changes.external_id {
+            FieldChange::Unchanged => {}
+            FieldChange::Clear => p.external_id = None,
+            FieldChange::Set(v) => p.external_id = Some(v.clone()),
+        }
+        if let Some(merged) = metadata {
+            p.metadata = merged;
+        }
+        Ok(before.email.original() != p.email.original()
+            || before.fields != p.fields
+            || before.external_id != p.external_id
+            || before.metadata != p.metadata)
+    }
+
+    fn small_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (0..3i64).prop_map(Value::from),
+            prop::sample::select(vec!["a", "b", ""]).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                prop::collection::btree_map(prop::sample::select(vec!["k", "l", "m"]), inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+            ]
+        })
+    }
+
+    fn small_object() -> impl Strategy<Value = Map<String, Value>> {
+        prop::collection::btree_map(prop::sample::select(vec!["k", "l", "m"]), small_json(), 0..4)
+            .prop_map(|m| m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    }
+
+    fn change<T: std::fmt::Debug + Clone>(value: impl Strategy<Value = T>) -> impl Strategy<Value = FieldChange<T>> {
+        prop_oneof![Just(FieldChange::Unchanged), Just(FieldChange::Clear), value.prop_map(FieldChange::Set)]
+    }
+
+    fn changes() -> impl Strategy<Value = ProspectChanges> {
+        (
+            change(prop::sample::select(vec!["Oslo", "Bergen"])),
+            change(prop::sample::select(vec!["1", "2"])),
+            change(prop::sample::select(vec!["e-1", "e-2"])),
+            prop::option::of(small_object()),
+        )
+            .prop_map(|(city, zip, external_id, metadata)| {
+                let mut changes = ProspectChanges { metadata, ..ProspectChanges::default() };
+                for (name, c) in [("city", city), ("zip", zip)] {
+                    let c = match c {
+                        FieldChange::Set(v) => FieldChange::Set(v.to_owned()),
+                        FieldChange::Clear => FieldChange::Clear,
+                        FieldChange::Unchanged => FieldChange::Unchanged,
+                    };
+                    changes.fields.insert(name, c);
+                }
+                changes.external_id = match external_id {
+                    FieldChange::Set(v) => FieldChange::Set(ExternalId::parse(v).unwrap()),
+                    FieldChange::Clear => FieldChange::Clear,
+                    FieldChange::Unchanged => FieldChange::Unchanged,
+                };
+                changes
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn apply_and_would_change_agree_with_comparing_a_copy(
+            first in changes(),
+            second in changes(),
+            email in prop::sample::select(vec!["a@b.io", "A@b.io"]),
+        ) {
+            let mut p = prospect();
+            p.apply(&p.email.clone(), &first).unwrap();
+            let email = NormalizedEmail::parse(email).unwrap();
+            let mut expected = p.clone();
+            let want = reference_apply(&mut expected, &email, &second);
+            prop_assert_eq!(p.would_change(&email, &second), want.clone());
+            prop_assert_eq!(p.apply(&email, &second), want);
+            prop_assert_eq!(p, expected);
+        }
+    }
+
+    #[test]
+    fn oversized_stored_metadata_is_refused_even_by_a_patch_that_changes_nothing() {
+        let mut p = prospect();
+        let email = p.email.clone();
+        p.metadata.insert("big".into(), Value::String("x".repeat(METADATA_MAX_BYTES)));
+        let patch = metadata_patch(json!({}));
+        assert_eq!(p.would_change(&email, &patch), Err(FieldError::MetadataTooLarge));
+        assert_eq!(p.apply(&email, &patch), Err(FieldError::MetadataTooLarge));
+        assert_eq!(p.apply(&email, &ProspectChanges::default()), Ok(false));
     }
 
     #[test]

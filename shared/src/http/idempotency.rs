@@ -3,10 +3,13 @@
 //! with another request is 422, and while the first request still runs, 409. A response with
 //! a 5xx status is not kept, so a retry runs again.
 
+use std::convert::Infallible;
 use std::future::Future;
 
 use axum::body::{to_bytes, Body};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, BODY_LIMIT_BYTES};
@@ -17,12 +20,39 @@ use crate::service::{Caller, ProspectService};
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// The response header on a replay.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// [`IDEMPOTENCY_HEADER`], parsed once.
+const IDEMPOTENCY_HEADER_NAME: HeaderName = HeaderName::from_static(IDEMPOTENCY_HEADER);
 
-/// Runs `handler` under the request's idempotency key, if it has one.
+/// A request's `Idempotency-Key` header (taken out of the headers, not copied) and, when it
+/// has one, the path the key's fingerprint covers.
+pub(super) struct Idempotency {
+    header: Option<HeaderValue>,
+    path: String,
+}
+
+impl Idempotency {
+    /// The request's path, when it has an `Idempotency-Key` (empty otherwise).
+    pub(super) fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Idempotency {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        let header = parts.headers.remove(IDEMPOTENCY_HEADER_NAME);
+        let path = if header.is_some() { parts.uri.path().to_owned() } else { String::new() };
+        Ok(Self { header, path })
+    }
+}
+
+/// Runs `handler` under the request's idempotency key, if it has one; `path` is the one its
+/// fingerprint covers.
 pub(super) async fn run<F, Fut>(
     service: &ProspectService,
     caller: &Caller,
-    headers: &HeaderMap,
+    idempotency: &Idempotency,
     method: &str,
     path: &str,
     body: &[u8],
@@ -32,7 +62,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<Response, ApiError>>,
 {
-    let Some(raw) = headers.get(IDEMPOTENCY_HEADER) else {
+    let Some(raw) = &idempotency.header else {
         return handler().await.unwrap_or_else(IntoResponse::into_response);
     };
     let key = match raw.to_str().map_err(|_| InvalidIdempotencyKey).and_then(IdempotencyKey::parse) {

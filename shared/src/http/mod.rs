@@ -13,16 +13,17 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post};
 use axum::{Json, Router};
-use serde_json::json;
+use serde::Serialize;
 use tower_http::catch_panic::CatchPanicLayer;
 
 pub use error::{ApiError, UNAUTHORIZED_MESSAGE};
+use idempotency::Idempotency;
 
 use crate::domain::{ExternalId, ProspectId};
 use crate::ports::ProspectRef;
@@ -30,6 +31,8 @@ use crate::service::{Caller, ProspectService};
 
 /// The header carrying the API key.
 pub const KEY_HEADER: &str = "x-cadenhq-key";
+/// [`KEY_HEADER`], parsed once.
+const KEY_HEADER_NAME: HeaderName = HeaderName::from_static(KEY_HEADER);
 /// Largest request body accepted, in bytes.
 pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 
@@ -55,20 +58,15 @@ pub enum Routes {
 /// The router for `routes`, with the JSON fallbacks, body limit and panic guard.
 pub fn router(service: ProspectService, routes: Routes) -> Router {
     let state = Arc::new(service);
-    let mut api = Router::new();
+    let mut router = Router::new();
     if matches!(routes, Routes::All | Routes::Upsert) {
-        api = api.route(PROSPECTS_PATH, post(upsert_prospect));
+        router = router.route(PROSPECTS_PATH, post(upsert_prospect));
     }
     if matches!(routes, Routes::All | Routes::Status) {
-        api = api
+        router = router
             .route(PROSPECT_BY_ID_PATH, patch(patch_by_id))
             .route(PROSPECT_BY_EXTERNAL_ID_PATH, patch(patch_by_external_id));
     }
-    let mut router = if routes == Routes::Unsubscribe {
-        api
-    } else {
-        api.route_layer(middleware::from_fn_with_state(Arc::clone(&state), admit))
-    };
     if routes == Routes::All {
         router = router.route(OPENAPI_PATH, axum::routing::get(openapi::document));
     }
@@ -91,19 +89,25 @@ pub fn router(service: ProspectService, routes: Routes) -> Router {
 
 pub(crate) type AppState = Arc<ProspectService>;
 
-/// Admits an API request (key and rate limit) before its handler runs, hands the handler the
-/// [`Caller`], and adds the `RateLimit-*` headers to the response.
-async fn admit(State(service): State<AppState>, mut request: Request, next: Next) -> Response {
-    let raw = request.headers().get(KEY_HEADER).and_then(|v| v.to_str().ok());
-    match service.admit(raw).await {
-        Ok(caller) => {
-            request.extensions_mut().insert(caller);
-            let mut response = next.run(request).await;
-            error::set_rate_limit_headers(&mut response, &caller.rate);
-            response
-        }
-        Err(e) => ApiError::from(e).into_response(),
+/// The caller of an API request, admitted (key and rate limit) before anything else of the
+/// request is looked at, the body included: the extractor's rejection is the 401, 429 or 503.
+/// Every response to an admitted request carries the `RateLimit-*` headers (see
+/// [`with_rate_limit`]).
+struct Admitted(Caller);
+
+impl FromRequestParts<AppState> for Admitted {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, service: &AppState) -> Result<Self, Response> {
+        let raw = parts.headers.get(KEY_HEADER_NAME).and_then(|v| v.to_str().ok());
+        service.admit(raw).await.map(Self).map_err(|e| ApiError::from(e).into_response())
     }
+}
+
+/// Adds the `RateLimit-*` headers of the admitted caller to its response, whatever the status.
+fn with_rate_limit(mut response: Response, caller: &Caller) -> Response {
+    error::set_rate_limit_headers(&mut response, &caller.rate);
+    response
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -116,56 +120,70 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
+/// The body of a POST's 200 or 201 (fields in this order, as a JSON object's keys sort).
+#[derive(Serialize)]
+struct Upserted {
+    accepted: bool,
+    created: bool,
+    prospect_id: ProspectId,
+}
+
+/// The body of a PATCH's 200.
+#[derive(Serialize)]
+struct StatusSet {
+    accepted: bool,
+    prospect_id: ProspectId,
+    status: &'static str,
+}
+
 async fn upsert_prospect(
+    Admitted(caller): Admitted,
     State(service): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
+    idempotency: Idempotency,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let body = match body_bytes(body) {
         Ok(b) => b,
-        Err(e) => return e.into_response(),
+        Err(e) => return with_rate_limit(e.into_response(), &caller),
     };
-    idempotency::run(&service, &caller, &headers, "POST", PROSPECTS_PATH, &body, || async {
+    let response = idempotency::run(&service, &caller, &idempotency, "POST", PROSPECTS_PATH, &body, || async {
         let command = request::parse_upsert(&body)?;
         let outcome = service.upsert(caller.account, &command).await?;
         let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
-        let body = json!({ "accepted": true, "prospect_id": outcome.prospect_id.to_string(), "created": outcome.created });
+        let body = Upserted { accepted: true, created: outcome.created, prospect_id: outcome.prospect_id };
         Ok((status, Json(body)).into_response())
     })
-    .await
+    .await;
+    with_rate_limit(response, &caller)
 }
 
 async fn patch_by_id(
+    Admitted(caller): Admitted,
     State(service): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    uri: Uri,
-    headers: HeaderMap,
+    idempotency: Idempotency,
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let reference = id.ok().and_then(|Path(raw)| ProspectId::parse(&raw).ok()).map(ProspectRef::Id);
-    set_status(&service, &caller, &headers, uri.path(), reference, body).await
+    with_rate_limit(set_status(&service, &caller, &idempotency, reference, body).await, &caller)
 }
 
 async fn patch_by_external_id(
+    Admitted(caller): Admitted,
     State(service): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    uri: Uri,
-    headers: HeaderMap,
+    idempotency: Idempotency,
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let reference = id.ok().and_then(|Path(raw)| ExternalId::parse(&raw).ok()).map(ProspectRef::ExternalId);
-    set_status(&service, &caller, &headers, uri.path(), reference, body).await
+    with_rate_limit(set_status(&service, &caller, &idempotency, reference, body).await, &caller)
 }
 
 /// Both PATCH routes: the body is checked first (400), then the prospect looked up (404).
 async fn set_status(
     service: &ProspectService,
     caller: &Caller,
-    headers: &HeaderMap,
-    path: &str,
+    idempotency: &Idempotency,
     prospect: Option<ProspectRef>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -173,12 +191,30 @@ async fn set_status(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    idempotency::run(service, caller, headers, "PATCH", path, &body, || async {
+    let path = idempotency.path();
+    idempotency::run(service, caller, idempotency, "PATCH", path, &body, || async {
         let status = request::parse_status(&body)?;
         let prospect = prospect.ok_or(ApiError::ProspectNotFound)?;
         let updated = service.set_status(caller.account, &prospect, status).await?;
-        let body = json!({ "accepted": true, "prospect_id": updated.id.to_string(), "status": updated.status.as_str() });
+        let body = StatusSet { accepted: true, prospect_id: updated.id, status: updated.status.as_str() };
         Ok((StatusCode::OK, Json(body)).into_response())
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn response_bodies_are_the_bytes_a_json_object_of_the_same_fields_gives() {
+        let id = ProspectId::new();
+        for created in [true, false] {
+            let body = serde_json::to_string(&Upserted { accepted: true, created, prospect_id: id }).unwrap();
+            assert_eq!(body, json!({ "accepted": true, "prospect_id": id.to_string(), "created": created }).to_string());
+        }
+        let body = serde_json::to_string(&StatusSet { accepted: true, prospect_id: id, status: "converted" }).unwrap();
+        assert_eq!(body, json!({ "accepted": true, "prospect_id": id.to_string(), "status": "converted" }).to_string());
+    }
 }
