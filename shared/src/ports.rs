@@ -57,7 +57,8 @@ pub enum ProspectRef {
 pub struct UpsertContext {
     /// The prospect with this email in this account, if any (strongly consistent).
     pub prospect: Option<Prospect>,
-    /// The account's default campaign id, if it has one.
+    /// The account's default campaign id, if it has one. Only a new prospect is enrolled in
+    /// it, so an adapter may leave it out when `prospect` is found.
     pub default_campaign_id: Option<CampaignId>,
     /// The campaign the request named, if it exists (of any account: the service checks).
     pub requested_campaign: Option<Campaign>,

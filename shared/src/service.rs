@@ -226,7 +226,9 @@ impl ProspectService {
     /// [`ServiceError::Invalid`] for a campaign the account cannot use, a taken external_id or
     /// oversized metadata; [`ServiceError::Unavailable`] when storage or the queue is
     /// unavailable or the prospect is contended beyond [`UPSERT_ATTEMPTS`].
-    #[instrument(skip_all, fields(account_id = %account, prospect_id, email_hash = %cmd.email.key_hash()))]
+    // The span is at debug level: at info, every request would format its fields even when it
+    // logs nothing (an identical POST); the event below names what a reader needs.
+    #[instrument(level = "debug", skip_all, fields(account_id = %account, email_hash = %cmd.email.key_hash()))]
     pub async fn upsert(&self, account: AccountId, cmd: &UpsertCommand) -> Result<UpsertOutcome, ServiceError> {
         for _ in 0..UPSERT_ATTEMPTS {
             let ctx = self.ports.repo.upsert_context(account, &cmd.email, cmd.campaign_id).await?;
@@ -266,8 +268,7 @@ impl ProspectService {
             };
             match result {
                 Ok(outcome) => {
-                    tracing::Span::current().record("prospect_id", tracing::field::display(outcome.prospect_id));
-                    info!(created = outcome.created, "prospect upserted");
+                    info!(account_id = %account, prospect_id = %outcome.prospect_id, created = outcome.created, "prospect upserted");
                     return Ok(outcome);
                 }
                 Err(StoreError::Conflict(Conflict::ExternalId)) => {
@@ -311,7 +312,7 @@ impl ProspectService {
     ///
     /// # Errors
     /// [`ServiceError::NotFound`] when the account has no such prospect; storage errors.
-    #[instrument(skip_all, fields(account_id = %account, prospect_id))]
+    #[instrument(level = "debug", skip_all, fields(account_id = %account))]
     pub async fn set_status(
         &self,
         account: AccountId,
@@ -324,8 +325,7 @@ impl ProspectService {
             .set_status(account, prospect, status, self.ports.clock.now())
             .await?
             .ok_or(ServiceError::NotFound)?;
-        tracing::Span::current().record("prospect_id", tracing::field::display(updated.id));
-        info!(status = status.as_str(), "prospect status set");
+        info!(account_id = %account, prospect_id = %updated.id, status = status.as_str(), "prospect status set");
         Ok(updated)
     }
 }

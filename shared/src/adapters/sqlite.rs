@@ -620,7 +620,11 @@ impl ProspectRepository for SqliteStore {
         self.read(|conn| {
             snapshot(conn, |conn| {
                 let prospect = find_prospect(conn, account, &by)?;
-                let account: Option<Account> = get_doc(conn, "SELECT doc FROM accounts WHERE id = ?1", account.to_string())?;
+                // Only a new prospect is enrolled in the default campaign.
+                let account: Option<Account> = match prospect {
+                    Some(_) => None,
+                    None => get_doc(conn, "SELECT doc FROM accounts WHERE id = ?1", account.to_string())?,
+                };
                 let requested_campaign = match campaign {
                     Some(id) => get_doc(conn, "SELECT doc FROM campaigns WHERE id = ?1", id.to_string())?,
                     None => None,
