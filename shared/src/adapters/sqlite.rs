@@ -8,8 +8,11 @@
 //!
 //! Reads run inline, on the thread of the task that asks, on a small pool of read-only
 //! connections to the same file. A WAL reader never waits for the writer and sees every commit
-//! made before its read began, so an acknowledged write is visible to every later read; the
-//! reads of one call share one snapshot. A request's lookups hit cached pages and take
+//! made before its read began, so an acknowledged write is visible to every later read. Key
+//! records are also kept in memory, each with the version of the keys table it was read at: a
+//! trigger bumps that version on every change to a key, from any process, so a key lookup is
+//! one read of the version while no key changed, and a revocation still applies at once.
+//! A request's lookups hit cached pages and take
 //! microseconds, less than handing them to another thread would cost; the price is that a read
 //! holds its runtime thread while it runs. Between write groups the writer thread keeps one
 //! read transaction open on the latest commit, so that reads do not each take and drop the
@@ -31,6 +34,7 @@
 //! SQLite's file locks serialize their writers; a connection waits up to five seconds for the
 //! lock, after which the request fails as [`StoreError::Unavailable`].
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -100,7 +104,18 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (account_id, key_hash));
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, queued_at TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1), keys_version INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (id, keys_version) VALUES (1, 0);
+CREATE TRIGGER IF NOT EXISTS api_keys_inserted AFTER INSERT ON api_keys
+    BEGIN UPDATE meta SET keys_version = keys_version + 1 WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS api_keys_updated AFTER UPDATE ON api_keys
+    BEGIN UPDATE meta SET keys_version = keys_version + 1 WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS api_keys_deleted AFTER DELETE ON api_keys
+    BEGIN UPDATE meta SET keys_version = keys_version + 1 WHERE id = 1; END;
 ";
+
+/// Key records kept in memory at most (the cache is emptied when full).
+const KEY_CACHE_MAX: usize = 10_000;
 
 /// A job taken from the embedded queue, invisible to others until its lease ends.
 #[derive(Debug, Clone)]
@@ -149,6 +164,10 @@ struct Inner {
     path: PathBuf,
     /// Idle read connections.
     readers: Mutex<Vec<Connection>>,
+    /// Key records by hash, with the `keys_version` they were read at: every change to
+    /// `api_keys`, from this process or another (the `cadenhq` CLI), bumps that version, so
+    /// a cached record is used only while no key changed since it was read.
+    keys: Mutex<HashMap<String, (i64, ApiKeyRecord)>>,
     /// The writer thread's queue; `None` only while dropping.
     writes: Option<mpsc::Sender<Box<dyn PendingWrite>>>,
     writer: Option<JoinHandle<()>>,
@@ -395,7 +414,13 @@ impl SqliteStore {
             .spawn(move || write_loop(&conn, &pin, &queue))
             .map_err(StoreError::other)?;
         Ok(Self {
-            inner: Arc::new(Inner { path, readers: Mutex::new(vec![reader]), writes: Some(writes), writer: Some(writer) }),
+            inner: Arc::new(Inner {
+                path,
+                readers: Mutex::new(vec![reader]),
+                keys: Mutex::default(),
+                writes: Some(writes),
+                writer: Some(writer),
+            }),
         })
     }
 
@@ -568,20 +593,6 @@ fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Res
         .transpose()
 }
 
-/// Runs the reads of `f` on one snapshot: no commit lands between them.
-fn snapshot<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-    execute(conn, "BEGIN", []).map_err(db_error)?;
-    let result = f(conn);
-    // It wrote nothing: ending it only releases the snapshot.
-    let end = execute(conn, "COMMIT", []);
-    if end.is_err() && !conn.is_autocommit() {
-        let _ = execute(conn, "ROLLBACK", []);
-    }
-    let value = result?;
-    end.map_err(db_error)?;
-    Ok(value)
-}
-
 /// Maps a unique-constraint failure to the conflict it means.
 fn write_error(e: rusqlite::Error) -> StoreError {
     if let rusqlite::Error::SqliteFailure(err, Some(msg)) = &e {
@@ -617,24 +628,20 @@ impl ProspectRepository for SqliteStore {
         campaign: Option<CampaignId>,
     ) -> Result<UpsertContext, StoreError> {
         let by = ProspectRef::EmailHash(email.key_hash());
+        // Each lookup reads the latest commit; they need no common snapshot: the account's
+        // default and the requested campaign do not depend on the prospect.
         self.read(|conn| {
-            snapshot(conn, |conn| {
-                let prospect = find_prospect(conn, account, &by)?;
-                // Only a new prospect is enrolled in the default campaign.
-                let account: Option<Account> = match prospect {
-                    Some(_) => None,
-                    None => get_doc(conn, "SELECT doc FROM accounts WHERE id = ?1", account.to_string())?,
-                };
-                let requested_campaign = match campaign {
-                    Some(id) => get_doc(conn, "SELECT doc FROM campaigns WHERE id = ?1", id.to_string())?,
-                    None => None,
-                };
-                Ok(UpsertContext {
-                    prospect,
-                    default_campaign_id: account.and_then(|a| a.default_campaign_id),
-                    requested_campaign,
-                })
-            })
+            let prospect = find_prospect(conn, account, &by)?;
+            // Only a new prospect is enrolled in the default campaign.
+            let account: Option<Account> = match prospect {
+                Some(_) => None,
+                None => get_doc(conn, "SELECT doc FROM accounts WHERE id = ?1", account.to_string())?,
+            };
+            let requested_campaign = match campaign {
+                Some(id) => get_doc(conn, "SELECT doc FROM campaigns WHERE id = ?1", id.to_string())?,
+                None => None,
+            };
+            Ok(UpsertContext { prospect, default_campaign_id: account.and_then(|a| a.default_campaign_id), requested_campaign })
         })
     }
 
@@ -764,7 +771,24 @@ impl Mailer for SqliteStore {
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn find_key(&self, hash: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
-        self.read(|conn| get_doc(conn, "SELECT doc FROM api_keys WHERE hash = ?1", hash.as_str().to_owned()))
+        self.read(|conn| {
+            // The version first: a key changed after it is read gets a newer version, so a record
+            // is never cached under a version newer than itself.
+            let version: i64 = query_row(conn, "SELECT keys_version FROM meta WHERE id = 1", [], |r| r.get(0)).map_err(db_error)?;
+            let cached = |keys: &HashMap<String, (i64, ApiKeyRecord)>| keys.get(hash.as_str()).filter(|(v, _)| *v == version).map(|(_, r)| r.clone());
+            if let Some(record) = cached(&self.inner.keys.lock().unwrap_or_else(PoisonError::into_inner)) {
+                return Ok(Some(record));
+            }
+            let record: Option<ApiKeyRecord> = get_doc(conn, "SELECT doc FROM api_keys WHERE hash = ?1", hash.as_str().to_owned())?;
+            if let Some(r) = &record {
+                let mut keys = self.inner.keys.lock().unwrap_or_else(PoisonError::into_inner);
+                if keys.len() >= KEY_CACHE_MAX {
+                    keys.clear();
+                }
+                keys.insert(hash.as_str().to_owned(), (version, r.clone()));
+            }
+            Ok(record)
+        })
     }
 
     async fn touch_key(&self, hash: &KeyHash, now: OffsetDateTime) -> Result<(), StoreError> {
@@ -1096,6 +1120,26 @@ mod tests {
 
         assert_eq!(store.get_account(account.id).await.unwrap().unwrap().name, "after");
         drop((other, store));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cached_key_revoked_by_another_process_is_refused_at_once() {
+        let dir = std::env::temp_dir().join(format!("cadenhq-sqlite-{}", uuid::Uuid::new_v4()));
+        let store = SqliteStore::open(&dir).unwrap();
+        let clock = crate::domain::SystemClock;
+        let account = crate::admin::create_account(&store, "Keys", &clock).await.unwrap();
+        let (record, key) = crate::admin::create_key(&store, account.id, None, &clock).await.unwrap();
+        let hash = key.hash();
+        assert!(store.find_key(&hash).await.unwrap().unwrap().is_active());
+        assert!(store.find_key(&hash).await.unwrap().unwrap().is_active(), "served from the cache");
+
+        // The CLI, from another process, with a store of its own.
+        let cli = SqliteStore::open(&dir).unwrap();
+        assert!(cli.revoke_key(record.key_id, OffsetDateTime::now_utc()).await.unwrap());
+
+        assert!(!store.find_key(&hash).await.unwrap().unwrap().is_active(), "the revocation applies at once");
+        drop((cli, store));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
