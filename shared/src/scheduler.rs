@@ -115,8 +115,7 @@ impl Scheduler {
     /// # Errors
     /// [`JobError::Malformed`] for a body that is not a campaign job; see [`Self::process`].
     pub async fn process_message(&self, body: &str) -> Result<Outcome, JobError> {
-        let job: CampaignJob = serde_json::from_str(body).map_err(|e| JobError::Malformed(e.to_string()))?;
-        self.process(&job).await
+        self.process(&parse_job(body)?).await
     }
 
     async fn campaign(&self, id: CampaignId) -> Result<Option<Arc<Campaign>>, StoreError> {
@@ -243,6 +242,10 @@ impl Scheduler {
     }
 }
 
+fn parse_job(body: &str) -> Result<CampaignJob, JobError> {
+    serde_json::from_str(body).map_err(|e| JobError::Malformed(e.to_string()))
+}
+
 /// What handling one job decided.
 struct Handled {
     outcome: Outcome,
@@ -278,9 +281,9 @@ pub async fn handle_sqs_batch(
     for record in event.records {
         let id = record.message_id.unwrap_or_default();
         let body = record.body.as_deref().unwrap_or_default();
-        let handled = match serde_json::from_str::<CampaignJob>(body) {
+        let handled = match parse_job(body) {
             Ok(job) => scheduler.handle(&job).await,
-            Err(e) => Err(JobError::Malformed(e.to_string())),
+            Err(e) => Err(e),
         };
         match handled {
             Ok(Handled { publish: Some(follow_up), .. }) => follow_ups.push((id, follow_up)),

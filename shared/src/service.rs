@@ -256,11 +256,8 @@ impl ProspectService {
                         return Ok(outcome);
                     }
                     let mut prospect = previous.clone();
-                    let changed = prospect.apply(&cmd.email, &cmd.changes)?;
+                    prospect.apply(&cmd.email, &cmd.changes)?;
                     let enrollment = requested.and_then(|c| prospect.enroll(c, now));
-                    if !changed && enrollment.is_none() {
-                        return Ok(outcome);
-                    }
                     prospect.updated_at = now;
                     self.publish_first_step(&prospect, enrollment.as_ref(), now).await?;
                     self.ports.repo.update(&previous, &prospect).await.map(|()| outcome)

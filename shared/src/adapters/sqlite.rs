@@ -725,10 +725,8 @@ impl SendLog for SqliteStore {
             if inserted == 1 {
                 return Ok(Claim::Won);
             }
-            let since: String =
-                query_row(conn, "SELECT claimed_at FROM sends WHERE enrollment_id = ?1 AND step = ?2", params![id, step], |r| r.get(0))
-                    .map_err(db_error)?;
-            Ok(Claim::Held { since: super::record::parse_rfc3339(&since)? })
+            let since = claim_time(conn, &id, step)?.ok_or_else(|| StoreError::other("a claim vanished while held"))?;
+            Ok(Claim::Held { since })
         })
         .await
     }
@@ -743,14 +741,17 @@ impl SendLog for SqliteStore {
 
     async fn claimed_at(&self, enrollment: EnrollmentId, step: u32) -> Result<Option<OffsetDateTime>, StoreError> {
         let id = enrollment.to_string();
-        self.read(|conn| {
-            let since: Option<String> =
-                query_row(conn, "SELECT claimed_at FROM sends WHERE enrollment_id = ?1 AND step = ?2", params![id, step], |r| r.get(0))
-                    .optional()
-                    .map_err(db_error)?;
-            since.as_deref().map(super::record::parse_rfc3339).transpose()
-        })
+        self.read(|conn| claim_time(conn, &id, step))
     }
+}
+
+/// When step `step` of enrollment `id` was claimed, if it is.
+fn claim_time(conn: &Connection, id: &str, step: u32) -> Result<Option<OffsetDateTime>, StoreError> {
+    let since: Option<String> =
+        query_row(conn, "SELECT claimed_at FROM sends WHERE enrollment_id = ?1 AND step = ?2", params![id, step], |r| r.get(0))
+            .optional()
+            .map_err(db_error)?;
+    since.as_deref().map(super::record::parse_rfc3339).transpose()
 }
 
 /// The outbox mailer: stores each email in the embedded store instead of sending it

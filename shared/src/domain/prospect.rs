@@ -198,6 +198,9 @@ impl Prospect {
     /// [`FieldError::MetadataTooLarge`] when the merged metadata is over [`METADATA_MAX_BYTES`];
     /// the prospect is then left as it was.
     pub fn apply(&mut self, email: &NormalizedEmail, changes: &ProspectChanges) -> Result<bool, FieldError> {
+        if !self.would_change(email, changes)? {
+            return Ok(false);
+        }
         let merged = match &changes.metadata {
             Some(patch) if merge_changes(&self.metadata, patch) => {
                 let mut merged = self.metadata.clone();
@@ -205,48 +208,29 @@ impl Prospect {
                 check_metadata_size(&merged)?;
                 Some(merged)
             }
-            Some(_) => {
-                check_metadata_size(&self.metadata)?;
-                None
-            }
-            None => None,
+            _ => None,
         };
-        let mut changed = self.email.original() != email.original();
-        if self.email != *email {
-            self.email = email.clone();
-        }
+        self.email = email.clone();
         for (name, change) in &changes.fields {
             match change {
                 FieldChange::Unchanged => {}
-                FieldChange::Clear => changed |= self.fields.remove(*name).is_some(),
-                FieldChange::Set(v) => match self.fields.get_mut(*name) {
-                    Some(current) if current == v => {}
-                    Some(current) => {
-                        current.clone_from(v);
-                        changed = true;
-                    }
-                    None => {
-                        self.fields.insert((*name).to_owned(), v.clone());
-                        changed = true;
-                    }
-                },
+                FieldChange::Clear => {
+                    self.fields.remove(*name);
+                }
+                FieldChange::Set(v) => {
+                    self.fields.insert((*name).to_owned(), v.clone());
+                }
             }
         }
         match &changes.external_id {
             FieldChange::Unchanged => {}
-            FieldChange::Clear => changed |= self.external_id.take().is_some(),
-            FieldChange::Set(v) => {
-                if self.external_id.as_ref() != Some(v) {
-                    self.external_id = Some(v.clone());
-                    changed = true;
-                }
-            }
+            FieldChange::Clear => self.external_id = None,
+            FieldChange::Set(v) => self.external_id = Some(v.clone()),
         }
         if let Some(merged) = merged {
             self.metadata = merged;
-            changed = true;
         }
-        Ok(changed)
+        Ok(true)
     }
 
     /// Whether [`Prospect::apply`] would change anything, without changing the prospect (and
