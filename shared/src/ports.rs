@@ -64,6 +64,22 @@ pub struct UpsertContext {
     pub requested_campaign: Option<Campaign>,
 }
 
+/// What [`ProspectRepository::update`] needs of the prospect as it was read: the version the
+/// write is conditional on, and the external_id whose lookup entry moves if it changed. (Not
+/// the whole prospect: the service changes the one it read in place, without a copy.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replacing {
+    pub version: u64,
+    pub external_id: Option<ExternalId>,
+}
+
+impl Replacing {
+    #[must_use]
+    pub fn of(prospect: &Prospect) -> Self {
+        Self { version: prospect.version, external_id: prospect.external_id.clone() }
+    }
+}
+
 /// Prospect storage.
 #[async_trait]
 pub trait ProspectRepository: Send + Sync {
@@ -84,14 +100,15 @@ pub trait ProspectRepository: Send + Sync {
     /// # Errors
     /// [`Conflict::Email`] when the account already has a prospect with this email,
     /// [`Conflict::ExternalId`] when its external_id is taken; nothing is written then.
-    async fn insert(&self, prospect: &Prospect) -> Result<(), StoreError>;
+    async fn insert(&self, prospect: Prospect) -> Result<(), StoreError>;
 
-    /// Replaces `previous` by `updated` (same id) if nobody wrote it since it was read.
+    /// Replaces the stored prospect by `updated` (same id) if nobody wrote it since it was
+    /// read as `previous`.
     ///
     /// # Errors
     /// [`Conflict::Version`] when it changed meanwhile, [`Conflict::ExternalId`] when the new
     /// external_id is taken; nothing is written then.
-    async fn update(&self, previous: &Prospect, updated: &Prospect) -> Result<(), StoreError>;
+    async fn update(&self, previous: Replacing, updated: Prospect) -> Result<(), StoreError>;
 
     /// Sets the status in one atomic write; a status other than `new` ends every enrollment
     /// in that same write. Returns the prospect as written, or `None` if the account has no

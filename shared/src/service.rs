@@ -14,7 +14,7 @@ use crate::domain::{
     RateDecision, StoredResponse, UnsubscribeSecret,
 };
 use crate::ports::{
-    Conflict, IdempotencyStore, JobQueue, KeyStore, ProspectRef, ProspectRepository, RateLimiter, StoreError,
+    Conflict, IdempotencyStore, JobQueue, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, StoreError,
 };
 
 /// How many times an upsert re-reads after losing a race before giving up with 503.
@@ -246,21 +246,22 @@ impl ProspectService {
                     prospect.apply(&cmd.email, &cmd.changes)?;
                     let enrollment = requested.or(ctx.default_campaign_id).and_then(|c| prospect.enroll(c, now));
                     self.publish_first_step(&prospect, enrollment.as_ref(), now).await?;
-                    self.ports.repo.insert(&prospect).await.map(|()| UpsertOutcome { prospect_id: prospect.id, created: true })
+                    let outcome = UpsertOutcome { prospect_id: prospect.id, created: true };
+                    self.ports.repo.insert(prospect).await.map(|()| outcome)
                 }
-                Some(previous) => {
-                    let outcome = UpsertOutcome { prospect_id: previous.id, created: false };
-                    // An identical POST (the common retry) is answered without copying the prospect.
-                    let enrolls = requested.is_some_and(|c| previous.can_enroll(c));
-                    if !enrolls && !previous.would_change(&cmd.email, &cmd.changes)? {
+                Some(mut prospect) => {
+                    let outcome = UpsertOutcome { prospect_id: prospect.id, created: false };
+                    // An identical POST (the common retry) is answered before anything is written.
+                    let enrolls = requested.is_some_and(|c| prospect.can_enroll(c));
+                    if !enrolls && !prospect.would_change(&cmd.email, &cmd.changes)? {
                         return Ok(outcome);
                     }
-                    let mut prospect = previous.clone();
+                    let previous = Replacing::of(&prospect);
                     prospect.apply(&cmd.email, &cmd.changes)?;
                     let enrollment = requested.and_then(|c| prospect.enroll(c, now));
                     prospect.updated_at = now;
                     self.publish_first_step(&prospect, enrollment.as_ref(), now).await?;
-                    self.ports.repo.update(&previous, &prospect).await.map(|()| outcome)
+                    self.ports.repo.update(previous, prospect).await.map(|()| outcome)
                 }
             };
             match result {
@@ -288,7 +289,7 @@ impl ProspectService {
         let job = CampaignJob {
             account_id: prospect.account_id,
             prospect_id: prospect.id,
-            email_hash: prospect.email.key_hash(),
+            email_hash: prospect.email.key_hash().to_owned(),
             enrollment_id: enrollment.id,
             campaign_id: enrollment.campaign_id,
             step: 0,

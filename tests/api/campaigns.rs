@@ -161,7 +161,7 @@ async fn a_job_whose_enrollment_never_appeared_is_dropped(kind: Kind) {
     let job = CampaignJob {
         account_id: app.account,
         prospect_id: ProspectId::new(),
-        email_hash: NormalizedEmail::parse("ghost@example.com").unwrap().key_hash(),
+        email_hash: NormalizedEmail::parse("ghost@example.com").unwrap().key_hash().to_owned(),
         enrollment_id: EnrollmentId::new(),
         campaign_id: app.campaign.id,
         step: 0,

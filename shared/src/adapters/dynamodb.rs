@@ -37,7 +37,7 @@ use crate::domain::{
     IN_FLIGHT_LEASE,
 };
 use crate::ports::{
-    AdminStore, Claim, Conflict, IdempotencyStore, KeyStore, ProspectRef, ProspectRepository, RateLimiter, SendLog,
+    AdminStore, Claim, Conflict, IdempotencyStore, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, SendLog,
     StoreError, UpsertContext,
 };
 
@@ -261,7 +261,7 @@ impl DynamoStore {
     async fn resolve(&self, account: AccountId, by: &ProspectRef) -> Result<Option<String>, StoreError> {
         let acc = account.to_string();
         let pointer = match by {
-            ProspectRef::Email(email) => return Ok(Some(prospect_pk(&acc, &email.key_hash()))),
+            ProspectRef::Email(email) => return Ok(Some(prospect_pk(&acc, email.key_hash()))),
             ProspectRef::EmailHash(hash) => return Ok(Some(prospect_pk(&acc, hash))),
             ProspectRef::Id(id) => id_pointer_pk(&acc, &id.to_string()),
             ProspectRef::ExternalId(ext) => external_pointer_pk(&acc, ext.as_str()),
@@ -301,7 +301,7 @@ impl ProspectRepository for DynamoStore {
         email: &NormalizedEmail,
         campaign: Option<CampaignId>,
     ) -> Result<UpsertContext, StoreError> {
-        let prospect_key = prospect_pk(&account.to_string(), &email.key_hash());
+        let prospect_key = prospect_pk(&account.to_string(), email.key_hash());
         let mut keys = vec![key(&prospect_key), key(account_pk(account))];
         if let Some(c) = campaign {
             keys.push(key(campaign_pk(c)));
@@ -339,8 +339,8 @@ impl ProspectRepository for DynamoStore {
         Ok(ctx)
     }
 
-    async fn insert(&self, prospect: &Prospect) -> Result<(), StoreError> {
-        let r = ProspectRecord::from_prospect(prospect, 1);
+    async fn insert(&self, prospect: Prospect) -> Result<(), StoreError> {
+        let r = ProspectRecord::from_prospect(&prospect, 1);
         let pk = prospect_pk(&r.account_id, &r.email_hash);
         let put = Put::builder()
             .table_name(&self.table)
@@ -357,8 +357,8 @@ impl ProspectRepository for DynamoStore {
         self.transact(items, &conflicts).await
     }
 
-    async fn update(&self, previous: &Prospect, updated: &Prospect) -> Result<(), StoreError> {
-        let r = ProspectRecord::from_prospect(updated, previous.version + 1);
+    async fn update(&self, previous: Replacing, updated: Prospect) -> Result<(), StoreError> {
+        let r = ProspectRecord::from_prospect(&updated, previous.version + 1);
         let pk = prospect_pk(&r.account_id, &r.email_hash);
         let item = prospect_item(&r, updated.enrollment_count());
         let version = n(previous.version);

@@ -62,7 +62,7 @@ impl ProspectRecord {
         Self {
             id: p.id.to_string(),
             account_id: p.account_id.to_string(),
-            email_hash: p.email.key_hash(),
+            email_hash: p.email.key_hash().to_owned(),
             external_id: p.external_id.as_ref().map(|e| e.as_str().to_owned()),
             status: p.status.as_str().to_owned(),
             ended_through: p.ended_through,

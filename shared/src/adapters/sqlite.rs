@@ -57,7 +57,7 @@ use crate::domain::{
 };
 use crate::ports::{
     AdminStore, Claim, Conflict, IdempotencyStore, JobQueue, KeyStore, MailError, Mailer, OutgoingEmail,
-    ProspectRef, ProspectRepository, SendLog, StoreError, UpsertContext,
+    ProspectRef, ProspectRepository, Replacing, SendLog, StoreError, UpsertContext,
 };
 
 /// File name of the database inside the data directory.
@@ -583,7 +583,7 @@ fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Res
     let (sql, value) = match by {
         ProspectRef::Id(id) => (select_prospect_by!("id"), id.to_string()),
         ProspectRef::ExternalId(ext) => (select_prospect_by!("external_id"), ext.as_str().to_owned()),
-        ProspectRef::Email(email) => (select_prospect_by!("email_hash"), email.key_hash()),
+        ProspectRef::Email(email) => (select_prospect_by!("email_hash"), email.key_hash().to_owned()),
         ProspectRef::EmailHash(hash) => (select_prospect_by!("email_hash"), hash.clone()),
     };
     query_row(conn, sql, params![account.to_string(), value], read_prospect)
@@ -627,7 +627,7 @@ impl ProspectRepository for SqliteStore {
         email: &NormalizedEmail,
         campaign: Option<CampaignId>,
     ) -> Result<UpsertContext, StoreError> {
-        let by = ProspectRef::EmailHash(email.key_hash());
+        let by = ProspectRef::EmailHash(email.key_hash().to_owned());
         // Each lookup reads the latest commit; they need no common snapshot: the account's
         // default and the requested campaign do not depend on the prospect.
         self.read(|conn| {
@@ -645,8 +645,8 @@ impl ProspectRepository for SqliteStore {
         })
     }
 
-    async fn insert(&self, prospect: &Prospect) -> Result<(), StoreError> {
-        let r = ProspectRecord::from_prospect(prospect, 1);
+    async fn insert(&self, prospect: Prospect) -> Result<(), StoreError> {
+        let r = ProspectRecord::from_prospect(&prospect, 1);
         self.write(move |conn| {
             execute(
                 conn,
@@ -659,8 +659,8 @@ impl ProspectRepository for SqliteStore {
         .await
     }
 
-    async fn update(&self, previous: &Prospect, updated: &Prospect) -> Result<(), StoreError> {
-        let r = ProspectRecord::from_prospect(updated, previous.version + 1);
+    async fn update(&self, previous: Replacing, updated: Prospect) -> Result<(), StoreError> {
+        let r = ProspectRecord::from_prospect(&updated, previous.version + 1);
         let expected = i64::try_from(previous.version).unwrap_or(i64::MAX);
         self.write(move |conn| {
             let n = execute(

@@ -22,6 +22,9 @@ pub enum EmailError {
 pub struct NormalizedEmail {
     normalized: String,
     original: String,
+    /// [`NormalizedEmail::key_hash`], computed once: every request needs it for a storage key,
+    /// a log field or a job, often more than once.
+    key_hash: String,
 }
 
 impl NormalizedEmail {
@@ -52,7 +55,7 @@ impl NormalizedEmail {
         if !(domain_ok && local_ok) {
             return Err(EmailError::Invalid);
         }
-        Ok(Self { normalized: original.to_lowercase(), original: original.to_owned() })
+        Ok(Self::from_parts(original.to_lowercase(), original.to_owned()))
     }
 
     /// The normalized address: the upsert key.
@@ -70,14 +73,19 @@ impl NormalizedEmail {
     /// Hex SHA-256 of the normalized address: used in storage keys and log lines, so that
     /// neither ever carries the raw address.
     #[must_use]
-    pub fn key_hash(&self) -> String {
-        hex::encode(Sha256::digest(self.normalized.as_bytes()))
+    pub fn key_hash(&self) -> &str {
+        &self.key_hash
     }
 
     /// Rebuilds a stored address without re-validating the rules of today.
     #[must_use]
     pub fn from_stored(original: String) -> Self {
-        Self { normalized: original.trim().to_lowercase(), original }
+        Self::from_parts(original.trim().to_lowercase(), original)
+    }
+
+    fn from_parts(normalized: String, original: String) -> Self {
+        let key_hash = super::hex_lower(&Sha256::digest(normalized.as_bytes()));
+        Self { normalized, original, key_hash }
     }
 }
 
@@ -97,6 +105,9 @@ mod tests {
         let a = NormalizedEmail::parse("A@B.io").unwrap();
         let b = NormalizedEmail::parse("a@b.IO").unwrap();
         assert_eq!(a.key_hash(), b.key_hash());
+        // The lowercase hex SHA-256 of the normalized address, as stored keys were written.
+        assert_eq!(a.key_hash(), "0f3306f460edf2294d6c3acba4b0e24d19173d2f0a4a545ec55166767d5e83a4");
+        assert_eq!(NormalizedEmail::from_stored("A@B.io".into()).key_hash(), a.key_hash());
     }
 
     #[test]

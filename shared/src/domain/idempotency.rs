@@ -27,7 +27,7 @@ impl IdempotencyKey {
         if raw.is_empty() || raw.len() > IDEMPOTENCY_KEY_MAX_CHARS || !raw.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
             return Err(InvalidIdempotencyKey);
         }
-        Ok(Self(hex::encode(Sha256::digest(raw.as_bytes()))))
+        Ok(Self(super::hex_lower(&Sha256::digest(raw.as_bytes()))))
     }
 
     /// Hex SHA-256 of the key.
@@ -46,7 +46,7 @@ pub fn request_fingerprint(method: &str, path: &str, body: &[u8]) -> String {
     hasher.update(path.as_bytes());
     hasher.update(b"\n");
     hasher.update(body);
-    hex::encode(hasher.finalize())
+    super::hex_lower(&hasher.finalize())
 }
 
 /// A response kept for replay.

@@ -21,7 +21,7 @@ impl ApiKey {
     pub fn generate() -> Self {
         let mut bytes = [0u8; 24];
         rand::rng().fill_bytes(&mut bytes);
-        Self(format!("{KEY_PREFIX}{}", hex::encode(bytes)))
+        Self(format!("{KEY_PREFIX}{}", super::hex_lower(&bytes)))
     }
 
     /// Wraps a key as presented by a client or a test fixture.
@@ -39,7 +39,7 @@ impl ApiKey {
     /// The hash under which the key is stored and looked up.
     #[must_use]
     pub fn hash(&self) -> KeyHash {
-        KeyHash(hex::encode(Sha256::digest(self.0.as_bytes())))
+        KeyHash(super::hex_lower(&Sha256::digest(self.0.as_bytes())))
     }
 
     /// The first characters of the key, safe to store and show in listings.

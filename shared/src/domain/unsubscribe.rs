@@ -56,7 +56,7 @@ impl UnsubscribeSecret {
     #[must_use]
     pub fn sign(&self, account: AccountId, prospect: ProspectId) -> String {
         let payload = format!("{}{}", simple(&account.to_string()), simple(&prospect.to_string()));
-        let signature = hex::encode(self.mac(&payload).finalize().into_bytes());
+        let signature = super::hex_lower(&self.mac(&payload).finalize().into_bytes());
         format!("{payload}{signature}")
     }
 
