@@ -168,7 +168,7 @@ impl ProspectService {
     pub async fn admit(&self, raw_key: Option<&str>) -> Result<Caller, ServiceError> {
         let raw = raw_key.map(str::trim).filter(|k| !k.is_empty() && k.len() <= KEY_MAX_LEN);
         let Some(raw) = raw else { return Err(ServiceError::Unauthorized) };
-        let hash = ApiKey::from_raw(raw).hash();
+        let hash = ApiKey::hash_of(raw);
         let now = self.ports.clock.now();
         let record = match self.key_record(&hash, now).await? {
             Some(record) if record.is_active() => record,

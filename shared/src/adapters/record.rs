@@ -7,13 +7,24 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::domain::{
-    AccountId, Enrollment, ExternalId, NormalizedEmail, Prospect, ProspectId, ProspectStatus,
+    AccountId, Enrollment, ExternalId, NormalizedEmail, Prospect, ProspectId, ProspectStatus, TEXT_FIELDS,
 };
 use crate::ports::StoreError;
 
-/// The document part of a stored prospect.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct ProspectDoc {
+/// The document part of a stored prospect, as written: borrowed from the prospect.
+#[derive(serde::Serialize)]
+struct ProspectDoc<'a> {
+    email: &'a str,
+    fields: &'a BTreeMap<&'static str, String>,
+    metadata: &'a Map<String, Value>,
+    enrollments: &'a [Enrollment],
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+}
+
+/// The document part of a stored prospect, as read back (the same JSON as [`ProspectDoc`]).
+#[derive(serde::Deserialize)]
+struct StoredDoc {
     email: String,
     #[serde(default)]
     fields: BTreeMap<String, String>,
@@ -38,6 +49,11 @@ pub(crate) struct ProspectRecord {
     pub doc: String,
 }
 
+/// The text field named `name`; only those are ever stored.
+fn text_field(name: &str) -> Option<&'static str> {
+    TEXT_FIELDS.into_iter().find(|field| *field == name)
+}
+
 fn corrupt(what: &str) -> StoreError {
     StoreError::other(format!("stored prospect has an invalid {what}"))
 }
@@ -53,10 +69,10 @@ pub(crate) fn parse_rfc3339(s: &str) -> Result<OffsetDateTime, StoreError> {
 impl ProspectRecord {
     pub fn from_prospect(p: &Prospect, version: u64) -> Self {
         let doc = ProspectDoc {
-            email: p.email.original().to_owned(),
-            fields: p.fields.clone(),
-            metadata: p.metadata.clone(),
-            enrollments: p.enrollments.clone(),
+            email: p.email.original(),
+            fields: &p.fields,
+            metadata: &p.metadata,
+            enrollments: &p.enrollments,
             created_at: p.created_at,
         };
         Self {
@@ -75,12 +91,12 @@ impl ProspectRecord {
     /// # Errors
     /// [`StoreError::Other`] when a stored value does not parse.
     pub fn into_prospect(self) -> Result<Prospect, StoreError> {
-        let doc: ProspectDoc = serde_json::from_str(&self.doc).map_err(|_| corrupt("document"))?;
+        let doc: StoredDoc = serde_json::from_str(&self.doc).map_err(|_| corrupt("document"))?;
         Ok(Prospect {
             id: ProspectId::parse(&self.id).map_err(|_| corrupt("id"))?,
             account_id: AccountId::parse(&self.account_id).map_err(|_| corrupt("account id"))?,
             email: NormalizedEmail::from_stored(doc.email),
-            fields: doc.fields,
+            fields: doc.fields.into_iter().filter_map(|(name, value)| Some((text_field(&name)?, value))).collect(),
             external_id: self.external_id.as_deref().map(ExternalId::parse).transpose().map_err(|_| corrupt("external id"))?,
             metadata: doc.metadata,
             status: ProspectStatus::parse(&self.status).map_err(|_| corrupt("status"))?,

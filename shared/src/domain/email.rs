@@ -39,7 +39,7 @@ impl NormalizedEmail {
         if original.is_empty() {
             return Err(EmailError::Blank);
         }
-        if original.chars().count() > EMAIL_MAX_CHARS {
+        if super::more_chars_than(original, EMAIL_MAX_CHARS) {
             return Err(EmailError::TooLong);
         }
         let (local, domain) = original.rsplit_once('@').ok_or(EmailError::Invalid)?;

@@ -39,7 +39,13 @@ impl ApiKey {
     /// The hash under which the key is stored and looked up.
     #[must_use]
     pub fn hash(&self) -> KeyHash {
-        KeyHash(super::hex_lower(&Sha256::digest(self.0.as_bytes())))
+        Self::hash_of(&self.0)
+    }
+
+    /// The hash of a key as presented, without copying it first.
+    #[must_use]
+    pub fn hash_of(raw: &str) -> KeyHash {
+        KeyHash(super::hex_lower(&Sha256::digest(raw.as_bytes())))
     }
 
     /// The first characters of the key, safe to store and show in listings.

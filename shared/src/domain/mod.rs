@@ -40,6 +40,11 @@ fn hex_lower(bytes: &[u8]) -> String {
     out
 }
 
+/// Whether `s` has more than `max` characters; counts them only when its bytes could be more.
+fn more_chars_than(s: &str, max: usize) -> bool {
+    s.len() > max && s.chars().count() > max
+}
+
 /// An account: the tenant every key, campaign and prospect belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Account {
@@ -73,5 +78,13 @@ mod tests {
         let bytes: Vec<u8> = (0..=255).collect();
         assert_eq!(super::hex_lower(&bytes), hex::encode(&bytes));
         assert_eq!(super::hex_lower(&[]), "");
+    }
+
+    #[test]
+    fn more_chars_than_counts_characters_not_bytes() {
+        assert!(!super::more_chars_than("ééé", 3));
+        assert!(super::more_chars_than("éééé", 3));
+        assert!(!super::more_chars_than("abc", 3));
+        assert!(super::more_chars_than("abcd", 3));
     }
 }

@@ -90,7 +90,7 @@ impl ExternalId {
         if raw.is_empty() {
             return Err(FieldError::EmptyExternalId);
         }
-        if raw.chars().count() > TEXT_FIELD_MAX_CHARS {
+        if super::more_chars_than(raw, TEXT_FIELD_MAX_CHARS) {
             return Err(FieldError::TooLong("external_id".into()));
         }
         Ok(Self(raw.to_owned()))
@@ -130,7 +130,7 @@ impl ProspectChanges {
     /// # Errors
     /// [`FieldError::TooLong`] over [`TEXT_FIELD_MAX_CHARS`] characters.
     pub fn text(name: &str, value: &str) -> Result<String, FieldError> {
-        if value.chars().count() > TEXT_FIELD_MAX_CHARS {
+        if super::more_chars_than(value, TEXT_FIELD_MAX_CHARS) {
             return Err(FieldError::TooLong(name.to_owned()));
         }
         Ok(value.to_owned())
@@ -157,7 +157,8 @@ pub struct Prospect {
     pub id: ProspectId,
     pub account_id: AccountId,
     pub email: NormalizedEmail,
-    pub fields: BTreeMap<String, String>,
+    /// Text fields by name, each one of [`TEXT_FIELDS`].
+    pub fields: BTreeMap<&'static str, String>,
     pub external_id: Option<ExternalId>,
     pub metadata: Map<String, Value>,
     pub status: ProspectStatus,
@@ -218,7 +219,7 @@ impl Prospect {
                     self.fields.remove(*name);
                 }
                 FieldChange::Set(v) => {
-                    self.fields.insert((*name).to_owned(), v.clone());
+                    self.fields.insert(name, v.clone());
                 }
             }
         }
@@ -439,7 +440,7 @@ mod tests {
                     p.fields.remove(*name);
                 }
                 FieldChange::Set(v) => {
-                    p.fields.insert((*name).to_owned(), v.clone());
+                    p.fields.insert(name, v.clone());
                 }
             }
         }
