@@ -36,9 +36,6 @@ use shared::service::{ProspectService, ServicePorts};
 use time::OffsetDateTime;
 use tower::ServiceExt;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Requests timed one by one per case for the percentile table.
 const TIMED_REQUESTS: usize = 10_000;
 /// Requests run before timing, so caches, allocator and branch predictors are warm.

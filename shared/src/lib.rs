@@ -12,3 +12,10 @@ pub mod ports;
 pub mod scheduler;
 pub mod service;
 pub mod telemetry;
+
+/// The allocator of every binary built on this crate (the Lambda functions, `cadenhq`, the
+/// benchmarks and tests). A request allocates and frees many small strings and maps; with
+/// glibc's allocator, `malloc` and `free` were a third of a POST's CPU profile. The figures
+/// are in docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
