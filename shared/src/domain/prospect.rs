@@ -211,7 +211,9 @@ impl Prospect {
             }
             _ => None,
         };
-        self.email = email.clone();
+        if self.email.original() != email.original() {
+            self.email = email.clone();
+        }
         for (name, change) in &changes.fields {
             match change {
                 FieldChange::Unchanged => {}

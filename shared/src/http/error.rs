@@ -126,6 +126,7 @@ const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 /// Adds `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` to a response.
 pub(super) fn set_rate_limit_headers(response: &mut Response, decision: &RateDecision) {
     let headers = response.headers_mut();
+    headers.reserve(3);
     headers.insert(RATELIMIT_LIMIT, HeaderValue::from(decision.limit));
     headers.insert(RATELIMIT_REMAINING, HeaderValue::from(decision.remaining));
     headers.insert(RATELIMIT_RESET, HeaderValue::from(decision.reset_seconds));
