@@ -293,7 +293,8 @@ impl Bench {
             idempotency: store.clone(),
             limiter: store.clone(),
             clock: Arc::new(SystemClock),
-            key_cache_ttl: StdDuration::ZERO,
+            // As in a warm Lambda instance: the key record comes from the service's cache.
+            key_cache_ttl: shared::backend::LAMBDA_KEY_CACHE_TTL,
         });
         let axum_floor = Router::new().route(
             PROSPECTS_PATH,

@@ -102,7 +102,8 @@ pub struct Caller {
 #[derive(Clone)]
 pub struct ProspectService {
     ports: ServicePorts,
-    key_cache: Arc<Mutex<HashMap<KeyHash, (ApiKeyRecord, OffsetDateTime)>>>,
+    /// Key records by hash, with when they were read; shared, not copied, by the requests.
+    key_cache: Arc<Mutex<HashMap<KeyHash, (Arc<ApiKeyRecord>, OffsetDateTime)>>>,
     unsubscribe_secret: Option<UnsubscribeSecret>,
 }
 
@@ -141,19 +142,19 @@ impl ProspectService {
     }
 
     /// The stored record of a presented key, through the key cache.
-    async fn key_record(&self, hash: &KeyHash, now: OffsetDateTime) -> Result<Option<ApiKeyRecord>, ServiceError> {
+    async fn key_record(&self, hash: &KeyHash, now: OffsetDateTime) -> Result<Option<Arc<ApiKeyRecord>>, ServiceError> {
         let ttl = self.ports.key_cache_ttl;
         if !ttl.is_zero() {
-            let fresh = |(_, at): &&(ApiKeyRecord, OffsetDateTime)| (now - *at).unsigned_abs() < ttl;
-            let cached = self.key_cache.lock().ok().and_then(|c| c.get(hash).filter(fresh).map(|(r, _)| r.clone()));
+            let fresh = |(_, at): &&(Arc<ApiKeyRecord>, OffsetDateTime)| (now - *at).unsigned_abs() < ttl;
+            let cached = self.key_cache.lock().ok().and_then(|c| c.get(hash).filter(fresh).map(|(r, _)| Arc::clone(r)));
             if let Some(record) = cached {
                 return Ok(Some(record));
             }
         }
-        let record = self.ports.keys.find_key(hash).await?;
+        let record = self.ports.keys.find_key(hash).await?.map(Arc::new);
         if let (Some(r), false) = (&record, ttl.is_zero()) {
             if let Ok(mut cache) = self.key_cache.lock() {
-                cache.insert(hash.clone(), (r.clone(), now));
+                cache.insert(hash.clone(), (Arc::clone(r), now));
             }
         }
         Ok(record)
@@ -180,7 +181,7 @@ impl ProspectService {
             }
             if let Ok(mut cache) = self.key_cache.lock() {
                 if let Some((cached, _)) = cache.get_mut(&hash) {
-                    cached.last_used_at = Some(now);
+                    Arc::make_mut(cached).last_used_at = Some(now);
                 }
             }
         }
