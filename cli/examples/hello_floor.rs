@@ -1,7 +1,8 @@
 //! The HTTP floor of the embedded server benchmark: the same HTTP stack as `cadenhq serve`
 //! (axum on tokio's multi-threaded runtime, one TCP listener, the same allocator), with
-//! handlers that read the request body and answer a small JSON body, and nothing else. `scripts/bench` puts it under
-//! the same load as the API; the gap between the two is what our own code and storage cost.
+//! handlers that read the request body and answer a small JSON body, and nothing else.
+//! `scripts/bench` puts it under the same load as the API; the gap between the two is what our
+//! own code and storage cost.
 //!
 //! `cargo run --release -p cadenhq --example hello_floor -- [ADDR]` (default `127.0.0.1:0`)
 //! prints `listening on http://ADDR` once it accepts connections.
