@@ -98,12 +98,14 @@ pub struct Caller {
     pub rate: RateDecision,
 }
 
+/// Key records by hash, with when they were read; shared, not copied, by the requests.
+type KeyCache = HashMap<KeyHash, (Arc<ApiKeyRecord>, OffsetDateTime)>;
+
 /// The prospects service.
 #[derive(Clone)]
 pub struct ProspectService {
     ports: ServicePorts,
-    /// Key records by hash, with when they were read; shared, not copied, by the requests.
-    key_cache: Arc<Mutex<HashMap<KeyHash, (Arc<ApiKeyRecord>, OffsetDateTime)>>>,
+    key_cache: Arc<Mutex<KeyCache>>,
     unsubscribe_secret: Option<UnsubscribeSecret>,
 }
 

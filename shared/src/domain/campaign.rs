@@ -206,7 +206,7 @@ mod tests {
     fn prospect() -> Prospect {
         let email = crate::domain::NormalizedEmail::parse("Jo@Example.com").unwrap();
         let mut p = Prospect::new(AccountId::new(), email, OffsetDateTime::UNIX_EPOCH);
-        p.fields.insert("first_name".into(), "<Jo & Co>".into());
+        p.fields.insert("first_name", "<Jo & Co>".into());
         p.metadata.insert("plan".into(), serde_json::json!("pro"));
         p
     }
