@@ -165,28 +165,6 @@ impl<'de> Deserialize<'de> for Skip {
     }
 }
 
-/// A key of a nested object: any string, parsed in full and dropped.
-struct SkipKey;
-
-impl<'de> Deserialize<'de> for SkipKey {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct SkipKeyVisitor;
-        impl Visitor<'_> for SkipKeyVisitor {
-            type Value = SkipKey;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string key")
-            }
-            fn visit_str<E: de::Error>(self, key: &str) -> Result<SkipKey, E> {
-                if key == RAW_VALUE_TOKEN {
-                    return Err(E::custom("raw value"));
-                }
-                Ok(SkipKey)
-            }
-        }
-        deserializer.deserialize_str(SkipKeyVisitor)
-    }
-}
-
 impl<'de> Deserialize<'de> for Raw<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(RawVisitor)
@@ -230,7 +208,8 @@ impl<'de> Visitor<'de> for RawVisitor {
         Ok(Raw::Other)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw<'de>, A::Error> {
-        while map.next_entry::<SkipKey, Skip>()?.is_some() {}
+        // A nested key is read as a top-level one (which refuses the raw-value token) and dropped.
+        while map.next_entry::<Key, Skip>()?.is_some() {}
         Ok(Raw::Other)
     }
 }
