@@ -41,9 +41,6 @@ impl CampaignJob {
     /// Never: every field serializes infallibly.
     #[must_use]
     pub fn to_json(&self) -> String {
-        // Room for the whole job (about 330 bytes) up front: no reallocation while writing.
-        let mut json = Vec::with_capacity(512);
-        serde_json::to_writer(&mut json, self).expect("CampaignJob always serializes");
-        String::from_utf8(json).expect("serde_json writes UTF-8")
+        serde_json::to_string(self).expect("CampaignJob always serializes")
     }
 }
