@@ -9,7 +9,7 @@ use std::future::Future;
 use axum::body::{to_bytes, Body};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, BODY_LIMIT_BYTES};
@@ -108,9 +108,7 @@ async fn abandon(service: &ProspectService, caller: &Caller, key: &IdempotencyKe
 
 fn replay(stored: StoredResponse) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-    let mut response = (status, stored.body).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    let mut response = super::json_response(status, stored.body);
+    response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     response
 }
