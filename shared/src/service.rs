@@ -60,10 +60,10 @@ impl From<FieldError> for ServiceError {
 
 /// A checked POST body.
 #[derive(Debug, Clone)]
-pub struct UpsertCommand {
+pub struct UpsertCommand<'a> {
     pub email: NormalizedEmail,
     pub campaign_id: Option<CampaignId>,
-    pub changes: ProspectChanges,
+    pub changes: ProspectChanges<'a>,
 }
 
 /// What an upsert did.
@@ -232,7 +232,7 @@ impl ProspectService {
     // The span is at debug level: at info, every request would format its fields even when it
     // logs nothing (an identical POST); the event below names what a reader needs.
     #[instrument(level = "debug", skip_all, fields(account_id = %account, email_hash = %cmd.email.key_hash()))]
-    pub async fn upsert(&self, account: AccountId, cmd: &UpsertCommand) -> Result<UpsertOutcome, ServiceError> {
+    pub async fn upsert(&self, account: AccountId, cmd: &UpsertCommand<'_>) -> Result<UpsertOutcome, ServiceError> {
         for _ in 0..UPSERT_ATTEMPTS {
             let ctx = self.ports.repo.upsert_context(account, &cmd.email, cmd.campaign_id).await?;
             let requested = match cmd.campaign_id {

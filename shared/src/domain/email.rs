@@ -43,16 +43,7 @@ impl NormalizedEmail {
             return Err(EmailError::TooLong);
         }
         let (local, domain) = original.rsplit_once('@').ok_or(EmailError::Invalid)?;
-        let domain_ok = domain.split('.').count() >= 2
-            && domain
-                .split('.')
-                .all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'))
-            && domain.chars().all(|c| c.is_alphanumeric() || c == '-' || c == '.');
-        let local_ok = !local.is_empty()
-            && local.len() <= 64
-            && !local.contains('@')
-            && local.chars().all(|c| !c.is_whitespace() && !c.is_control() && c != '<' && c != '>');
-        if !(domain_ok && local_ok) {
+        if !(local_part_ok(local) && domain_ok(domain)) {
             return Err(EmailError::Invalid);
         }
         Ok(Self::from_parts(original.to_lowercase(), original.to_owned()))
@@ -89,9 +80,55 @@ impl NormalizedEmail {
     }
 }
 
+/// 1 to 64 bytes, none of them `@`, `<`, `>`, whitespace or a control character.
+fn local_part_ok(local: &str) -> bool {
+    !local.is_empty()
+        && local.len() <= 64
+        && local.chars().all(|c| !matches!(c, '@' | '<' | '>') && !c.is_whitespace() && !c.is_control())
+}
+
+/// At least two dot-separated labels, each non-empty, of letters, digits and inner hyphens.
+fn domain_ok(domain: &str) -> bool {
+    let mut labels = 0;
+    for label in domain.split('.') {
+        let ok = !label.is_empty()
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_alphanumeric() || c == '-');
+        if !ok {
+            return false;
+        }
+        labels += 1;
+    }
+    labels >= 2
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The address rules as first written, one check at a time.
+    fn reference_ok(address: &str) -> bool {
+        let Some((local, domain)) = address.rsplit_once('@') else { return false };
+        let domain_ok = domain.split('.').count() >= 2
+            && domain.split('.').all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'))
+            && domain.chars().all(|c| c.is_alphanumeric() || c == '-' || c == '.');
+        let local_ok = !local.is_empty()
+            && local.len() <= 64
+            && !local.contains('@')
+            && local.chars().all(|c| !c.is_whitespace() && !c.is_control() && c != '<' && c != '>');
+        domain_ok && local_ok
+    }
+
+    proptest! {
+        #[test]
+        fn the_rules_are_those_first_written(address in "[a-zA-Z0-9.@<> \t_+é\u{7f}\u{3000}-]{1,20}") {
+            let trimmed = address.trim();
+            prop_assume!(!trimmed.is_empty());
+            prop_assert_eq!(NormalizedEmail::parse(&address).is_ok(), reference_ok(trimmed));
+        }
+    }
 
     #[test]
     fn uppercase_email_is_normalized_and_original_is_kept() {

@@ -32,12 +32,8 @@ pub use prospect::{
 #[must_use]
 fn hex_lower(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &byte in bytes {
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
-    out
+    let digits = bytes.iter().flat_map(|&byte| [DIGITS[usize::from(byte >> 4)], DIGITS[usize::from(byte & 0x0f)]]);
+    String::from_utf8(digits.collect()).expect("hex digits are ASCII")
 }
 
 /// Whether `s` has more than `max` characters; counts them only when its bytes could be more.

@@ -1,6 +1,7 @@
 //! The prospect: one lead of one account, upserted by normalized email, with its status and
 //! its campaign enrollments.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
@@ -114,26 +115,27 @@ pub enum FieldChange<T> {
     Set(T),
 }
 
-/// The attribute changes of one POST, already checked.
+/// The attribute changes of one POST, already checked. Text values are borrowed from the request
+/// body where they needed no unescaping: they are copied once, into the prospect.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct ProspectChanges {
+pub struct ProspectChanges<'a> {
     /// Text fields present in the request, by name (one of [`TEXT_FIELDS`]).
-    pub fields: BTreeMap<&'static str, FieldChange<String>>,
+    pub fields: BTreeMap<&'static str, FieldChange<Cow<'a, str>>>,
     pub external_id: FieldChange<ExternalId>,
     /// An RFC 7396 merge patch for the stored metadata.
     pub metadata: Option<Map<String, Value>>,
 }
 
-impl ProspectChanges {
+impl<'a> ProspectChanges<'a> {
     /// Checks one text field's value.
     ///
     /// # Errors
     /// [`FieldError::TooLong`] over [`TEXT_FIELD_MAX_CHARS`] characters.
-    pub fn text(name: &str, value: &str) -> Result<String, FieldError> {
-        if super::more_chars_than(value, TEXT_FIELD_MAX_CHARS) {
+    pub fn text(name: &str, value: Cow<'a, str>) -> Result<Cow<'a, str>, FieldError> {
+        if super::more_chars_than(&value, TEXT_FIELD_MAX_CHARS) {
             return Err(FieldError::TooLong(name.to_owned()));
         }
-        Ok(value.to_owned())
+        Ok(value)
     }
 }
 
@@ -198,7 +200,7 @@ impl Prospect {
     /// # Errors
     /// [`FieldError::MetadataTooLarge`] when the merged metadata is over [`METADATA_MAX_BYTES`];
     /// the prospect is then left as it was.
-    pub fn apply(&mut self, email: &NormalizedEmail, changes: &ProspectChanges) -> Result<bool, FieldError> {
+    pub fn apply(&mut self, email: &NormalizedEmail, changes: &ProspectChanges<'_>) -> Result<bool, FieldError> {
         if !self.would_change(email, changes)? {
             return Ok(false);
         }
@@ -221,7 +223,7 @@ impl Prospect {
                     self.fields.remove(*name);
                 }
                 FieldChange::Set(v) => {
-                    self.fields.insert(name, v.clone());
+                    self.fields.insert(name, String::from(&**v));
                 }
             }
         }
@@ -242,7 +244,7 @@ impl Prospect {
     /// # Errors
     /// [`FieldError::MetadataTooLarge`] when the metadata is unchanged by the patch but over
     /// [`METADATA_MAX_BYTES`]; a changing patch is checked by `apply`.
-    pub fn would_change(&self, email: &NormalizedEmail, changes: &ProspectChanges) -> Result<bool, FieldError> {
+    pub fn would_change(&self, email: &NormalizedEmail, changes: &ProspectChanges<'_>) -> Result<bool, FieldError> {
         if let Some(patch) = &changes.metadata {
             if merge_changes(&self.metadata, patch) {
                 return Ok(true);
@@ -252,7 +254,7 @@ impl Prospect {
         let field_changes = changes.fields.iter().any(|(name, change)| match change {
             FieldChange::Unchanged => false,
             FieldChange::Clear => self.fields.contains_key(*name),
-            FieldChange::Set(v) => self.fields.get(*name) != Some(v),
+            FieldChange::Set(v) => self.fields.get(*name).map(String::as_str) != Some(&**v),
         });
         let external_id_changes = match &changes.external_id {
             FieldChange::Unchanged => false,
@@ -359,7 +361,7 @@ mod tests {
         Prospect::new(AccountId::new(), NormalizedEmail::parse("a@b.io").unwrap(), OffsetDateTime::UNIX_EPOCH)
     }
 
-    fn metadata_patch(v: Value) -> ProspectChanges {
+    fn metadata_patch(v: Value) -> ProspectChanges<'static> {
         ProspectChanges { metadata: v.as_object().cloned(), ..ProspectChanges::default() }
     }
 
@@ -420,7 +422,7 @@ mod tests {
     }
 
     /// `apply` as it was: merge into a copy, then compare everything before and after.
-    fn reference_apply(p: &mut Prospect, email: &NormalizedEmail, changes: &ProspectChanges) -> Result<bool, FieldError> {
+    fn reference_apply(p: &mut Prospect, email: &NormalizedEmail, changes: &ProspectChanges<'_>) -> Result<bool, FieldError> {
         let metadata = match &changes.metadata {
             Some(patch) => {
                 let mut merged = Value::Object(p.metadata.clone());
@@ -442,7 +444,7 @@ mod tests {
                     p.fields.remove(*name);
                 }
                 FieldChange::Set(v) => {
-                    p.fields.insert(name, v.clone());
+                    p.fields.insert(name, v.to_string());
                 }
             }
         }
@@ -485,7 +487,7 @@ mod tests {
         prop_oneof![Just(FieldChange::Unchanged), Just(FieldChange::Clear), value.prop_map(FieldChange::Set)]
     }
 
-    fn changes() -> impl Strategy<Value = ProspectChanges> {
+    fn changes() -> impl Strategy<Value = ProspectChanges<'static>> {
         (
             change(prop::sample::select(vec!["Oslo", "Bergen"])),
             change(prop::sample::select(vec!["1", "2"])),
@@ -496,7 +498,7 @@ mod tests {
                 let mut changes = ProspectChanges { metadata, ..ProspectChanges::default() };
                 for (name, c) in [("city", city), ("zip", zip)] {
                     let c = match c {
-                        FieldChange::Set(v) => FieldChange::Set(v.to_owned()),
+                        FieldChange::Set(v) => FieldChange::Set(Cow::Borrowed(v)),
                         FieldChange::Clear => FieldChange::Clear,
                         FieldChange::Unchanged => FieldChange::Unchanged,
                     };

@@ -44,12 +44,13 @@ enum Raw<'a> {
     Other,
 }
 
-impl<'a> Raw<'a> {
-    fn of(value: Option<&'a Value>) -> Self {
+impl Raw<'static> {
+    /// A field of a body parsed as a `Value` (the slow path, for bodies the direct read refused).
+    fn of(value: Option<Value>) -> Self {
         match value {
             None => Self::Absent,
             Some(Value::Null) => Self::Null,
-            Some(Value::String(s)) => Self::Str(Cow::Borrowed(s)),
+            Some(Value::String(s)) => Self::Str(Cow::Owned(s)),
             Some(_) => Self::Other,
         }
     }
@@ -85,16 +86,14 @@ struct UpsertFields<'a> {
     campaign_id: Raw<'a>,
 }
 
-impl<'a> UpsertFields<'a> {
-    fn of(obj: &'a mut Map<String, Value>) -> Self {
-        let metadata = Metadata::of(obj.remove("metadata"));
-        let obj = &*obj;
+impl UpsertFields<'static> {
+    fn of(mut obj: Map<String, Value>) -> Self {
         Self {
-            email: Raw::of(obj.get("email")),
-            text: TEXT_FIELDS.map(|name| Raw::of(obj.get(name))),
-            external_id: Raw::of(obj.get("external_id")),
-            metadata,
-            campaign_id: Raw::of(obj.get("campaign_id")),
+            email: Raw::of(obj.remove("email")),
+            text: TEXT_FIELDS.map(|name| Raw::of(obj.remove(name))),
+            external_id: Raw::of(obj.remove("external_id")),
+            metadata: Metadata::of(obj.remove("metadata")),
+            campaign_id: Raw::of(obj.remove("campaign_id")),
         }
     }
 }
@@ -278,7 +277,7 @@ fn read_fields<'de, T: BodyFields<'de>>(body: &'de [u8], fields: &mut T) -> bool
     ObjectSeed(fields).deserialize(&mut deserializer).is_ok() && deserializer.end().is_ok()
 }
 
-fn text_change(name: &str, value: &Raw<'_>) -> Result<FieldChange<String>, FieldError> {
+fn text_change<'a>(name: &str, value: Raw<'a>) -> Result<FieldChange<Cow<'a, str>>, FieldError> {
     match value {
         Raw::Absent => Ok(FieldChange::Unchanged),
         Raw::Null => Ok(FieldChange::Clear),
@@ -291,17 +290,17 @@ fn text_change(name: &str, value: &Raw<'_>) -> Result<FieldChange<String>, Field
 ///
 /// # Errors
 /// 400 for a body that is not a JSON object or lacks an email; 422 listing every invalid field.
-pub(super) fn parse_upsert(body: &[u8]) -> Result<UpsertCommand, ApiError> {
+pub(super) fn parse_upsert(body: &[u8]) -> Result<UpsertCommand<'_>, ApiError> {
     let mut fields = UpsertFields::default();
     if read_fields(body, &mut fields) {
-        upsert_command(&mut fields)
+        upsert_command(fields)
     } else {
-        upsert_command(&mut UpsertFields::of(&mut json_object(body)?))
+        upsert_command(UpsertFields::of(json_object(body)?))
     }
 }
 
 /// Checks a POST body's fields.
-fn upsert_command(fields: &mut UpsertFields<'_>) -> Result<UpsertCommand, ApiError> {
+fn upsert_command(fields: UpsertFields<'_>) -> Result<UpsertCommand<'_>, ApiError> {
     let mut errors = Vec::new();
 
     let email = match &fields.email {
@@ -321,7 +320,7 @@ fn upsert_command(fields: &mut UpsertFields<'_>) -> Result<UpsertCommand, ApiErr
     };
 
     let mut changes = ProspectChanges::default();
-    for (name, value) in TEXT_FIELDS.into_iter().zip(&fields.text) {
+    for (name, value) in TEXT_FIELDS.into_iter().zip(fields.text) {
         match text_change(name, value) {
             Ok(FieldChange::Unchanged) => {}
             Ok(change) => {
@@ -339,7 +338,7 @@ fn upsert_command(fields: &mut UpsertFields<'_>) -> Result<UpsertCommand, ApiErr
         },
         Raw::Other => errors.push(FieldError::NotAString("external_id".to_owned()).to_string()),
     }
-    match std::mem::take(&mut fields.metadata) {
+    match fields.metadata {
         Metadata::Absent => {}
         Metadata::Object(patch) => changes.metadata = Some(patch),
         Metadata::Other => errors.push(FieldError::MetadataNotObject.to_string()),
@@ -370,14 +369,8 @@ fn upsert_command(fields: &mut UpsertFields<'_>) -> Result<UpsertCommand, ApiErr
 /// # Errors
 /// 400 for a body that is not a JSON object or a missing or unknown status.
 pub(super) fn parse_status(body: &[u8]) -> Result<ProspectStatus, ApiError> {
-    let obj;
     let mut fields = StatusFields::default();
-    let status = if read_fields(body, &mut fields) {
-        fields.status
-    } else {
-        obj = json_object(body)?;
-        Raw::of(obj.get("status"))
-    };
+    let status = if read_fields(body, &mut fields) { fields.status } else { Raw::of(json_object(body)?.remove("status")) };
     match status {
         Raw::Str(raw) => ProspectStatus::parse(&raw).map_err(|e| ApiError::BadRequest(e.to_string())),
         _ => Err(ApiError::BadRequest("status is required: one of new, converted, unsubscribed, bounced".into())),

@@ -50,6 +50,8 @@ fn both_parsers(body: &[u8]) -> Result<(u16, u16), TestCaseError> {
 
 /// The parsers as they were, through a `serde_json::Value`: what the direct parse must answer.
 mod reference {
+    use std::borrow::Cow;
+
     use serde_json::{Map, Value};
 
     use crate::domain::{
@@ -67,16 +69,16 @@ mod reference {
         }
     }
 
-    fn text_change(name: &str, value: Option<&Value>) -> Result<FieldChange<String>, FieldError> {
+    fn text_change(name: &str, value: Option<&Value>) -> Result<FieldChange<Cow<'static, str>>, FieldError> {
         match value {
             None => Ok(FieldChange::Unchanged),
             Some(Value::Null) => Ok(FieldChange::Clear),
-            Some(Value::String(s)) => ProspectChanges::text(name, s).map(FieldChange::Set),
+            Some(Value::String(s)) => ProspectChanges::text(name, Cow::Owned(s.clone())).map(FieldChange::Set),
             Some(_) => Err(FieldError::NotAString(name.to_owned())),
         }
     }
 
-    pub(super) fn parse_upsert(body: &[u8]) -> Result<UpsertCommand, ApiError> {
+    pub(super) fn parse_upsert(body: &[u8]) -> Result<UpsertCommand<'static>, ApiError> {
         let obj = json_object(body)?;
         let mut errors = Vec::new();
         let email = match obj.get("email") {
