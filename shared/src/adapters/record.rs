@@ -1,13 +1,11 @@
 //! The stored shape of a prospect, shared by both backends: the attributes that keys, indexes
 //! and atomic updates need stay top-level; the rest is one JSON document.
 
-use std::collections::BTreeMap;
-
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::domain::{
-    AccountId, Enrollment, ExternalId, NormalizedEmail, Prospect, ProspectId, ProspectStatus, TEXT_FIELDS,
+    AccountId, Enrollment, ExternalId, NormalizedEmail, Prospect, ProspectId, ProspectStatus, TextFields,
 };
 use crate::ports::StoreError;
 
@@ -15,7 +13,7 @@ use crate::ports::StoreError;
 #[derive(serde::Serialize)]
 struct ProspectDoc<'a> {
     email: &'a str,
-    fields: &'a BTreeMap<&'static str, String>,
+    fields: &'a TextFields,
     metadata: &'a Map<String, Value>,
     enrollments: &'a [Enrollment],
     #[serde(with = "time::serde::rfc3339")]
@@ -27,7 +25,7 @@ struct ProspectDoc<'a> {
 struct StoredDoc {
     email: String,
     #[serde(default)]
-    fields: BTreeMap<String, String>,
+    fields: TextFields,
     #[serde(default)]
     metadata: Map<String, Value>,
     #[serde(default)]
@@ -47,11 +45,6 @@ pub(crate) struct ProspectRecord {
     pub version: i64,
     pub updated_at: String,
     pub doc: String,
-}
-
-/// The text field named `name`; only those are ever stored.
-fn text_field(name: &str) -> Option<&'static str> {
-    TEXT_FIELDS.into_iter().find(|field| *field == name)
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -96,7 +89,7 @@ impl ProspectRecord {
             id: ProspectId::parse(&self.id).map_err(|_| corrupt("id"))?,
             account_id: AccountId::parse(&self.account_id).map_err(|_| corrupt("account id"))?,
             email: NormalizedEmail::from_stored(doc.email),
-            fields: doc.fields.into_iter().filter_map(|(name, value)| Some((text_field(&name)?, value))).collect(),
+            fields: doc.fields,
             external_id: self.external_id.as_deref().map(ExternalId::parse).transpose().map_err(|_| corrupt("external id"))?,
             metadata: doc.metadata,
             status: ProspectStatus::parse(&self.status).map_err(|_| corrupt("status"))?,

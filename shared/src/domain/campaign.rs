@@ -4,7 +4,7 @@
 use minijinja::{Environment, UndefinedBehavior, Value};
 use time::{Duration, OffsetDateTime};
 
-use super::{AccountId, CampaignId, Prospect, TEXT_FIELDS};
+use super::{AccountId, CampaignId, Prospect};
 
 /// Upper bounds that keep a definition sane.
 const MAX_STEPS: usize = 50;
@@ -63,7 +63,7 @@ fn html_escape(text: &str) -> String {
 
 impl Step {
     /// Renders this step for a prospect. Variables: `email`, `external_id`, every text field
-    /// (`first_name`, `display_name`, ... see [`TEXT_FIELDS`]), `metadata` (an object: use
+    /// (`first_name`, `display_name`, ... see [`TEXT_FIELDS`](super::TEXT_FIELDS)), `metadata` (an object: use
     /// `{{ metadata.plan }}`), `unsubscribe_url`. The subject and text body carry values as
     /// they are; the HTML body is the text body HTML-escaped, followed by the unsubscribe link.
     ///
@@ -72,10 +72,8 @@ impl Step {
     /// when the campaign was created, so this is rare: e.g. a filter applied to a wrong type).
     pub fn render(&self, prospect: &Prospect, unsubscribe_url: &str) -> Result<RenderedEmail, CampaignError> {
         let mut ctx = std::collections::BTreeMap::<&str, Value>::new();
-        for name in TEXT_FIELDS {
-            if let Some(v) = prospect.fields.get(name) {
-                ctx.insert(name, Value::from(v.as_str()));
-            }
+        for (name, value) in prospect.fields.iter() {
+            ctx.insert(name, Value::from(value));
         }
         ctx.insert("email", Value::from(prospect.email.original()));
         if let Some(ext) = &prospect.external_id {
@@ -206,7 +204,7 @@ mod tests {
     fn prospect() -> Prospect {
         let email = crate::domain::NormalizedEmail::parse("Jo@Example.com").unwrap();
         let mut p = Prospect::new(AccountId::new(), email, OffsetDateTime::UNIX_EPOCH);
-        p.fields.insert("first_name", "<Jo & Co>".into());
+        p.fields.set("first_name", Some("<Jo & Co>".into()));
         p.metadata.insert("plan".into(), serde_json::json!("pro"));
         p
     }

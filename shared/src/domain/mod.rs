@@ -24,7 +24,7 @@ pub use rate_limit::{ceil_seconds, gcra, gcra_take, lease_size, RateDecision, Ra
 pub use key::{ApiKey, ApiKeyRecord, KeyHash};
 pub use prospect::{
     Enrollment, ExternalId, FieldChange, FieldError, Prospect, ProspectChanges, ProspectStatus,
-    StatusError, TEXT_FIELDS, METADATA_MAX_BYTES, TEXT_FIELD_MAX_CHARS,
+    StatusError, TextFields, TEXT_FIELDS, METADATA_MAX_BYTES, TEXT_FIELD_MAX_CHARS, text_field_index,
 };
 
 /// Lowercase hex of `bytes`. (`hex::encode` collects one `char` at a time, which showed in

@@ -2,8 +2,10 @@
 //! its campaign enrollments.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::fmt;
 
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+use serde::ser::SerializeMap;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
@@ -14,6 +16,12 @@ pub const TEXT_FIELDS: [&str; 15] = [
     "display_name", "first_name", "last_name", "phone", "address", "city", "state", "zip",
     "country", "source", "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content",
 ];
+/// The position of the text field `name` in [`TEXT_FIELDS`].
+#[must_use]
+pub fn text_field_index(name: &str) -> Option<usize> {
+    TEXT_FIELDS.iter().position(|field| *field == name)
+}
+
 /// Longest value of a text field or `external_id`, in characters.
 pub const TEXT_FIELD_MAX_CHARS: usize = 255;
 /// Largest stored `metadata` object, serialized as compact JSON, in bytes.
@@ -119,8 +127,8 @@ pub enum FieldChange<T> {
 /// body where they needed no unescaping: they are copied once, into the prospect.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ProspectChanges<'a> {
-    /// Text fields present in the request, by name (one of [`TEXT_FIELDS`]).
-    pub fields: BTreeMap<&'static str, FieldChange<Cow<'a, str>>>,
+    /// What the request says about each of [`TEXT_FIELDS`], by position.
+    pub fields: [FieldChange<Cow<'a, str>>; TEXT_FIELDS.len()],
     pub external_id: FieldChange<ExternalId>,
     /// An RFC 7396 merge patch for the stored metadata.
     pub metadata: Option<Map<String, Value>>,
@@ -153,14 +161,116 @@ pub struct Enrollment {
     pub enrolled_at: OffsetDateTime,
 }
 
+/// A prospect's text fields: at most one value for each of [`TEXT_FIELDS`], by position.
+/// Serialized as an object of the fields that are set; names not in [`TEXT_FIELDS`] are
+/// dropped when one is read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TextFields([Option<String>; TEXT_FIELDS.len()]);
+
+impl TextFields {
+    /// The value of the field `name`, if it is set.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&str> {
+        text_field_index(name).and_then(|i| self.0[i].as_deref())
+    }
+
+    /// Sets (`Some`) or clears (`None`) the field `name`. Returns `false`, changing nothing,
+    /// for a name not in [`TEXT_FIELDS`].
+    pub fn set(&mut self, name: &str, value: Option<String>) -> bool {
+        let Some(i) = text_field_index(name) else { return false };
+        self.0[i] = value;
+        true
+    }
+
+    /// The fields that are set, in [`TEXT_FIELDS`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        TEXT_FIELDS.into_iter().zip(&self.0).filter_map(|(name, value)| Some((name, value.as_deref()?)))
+    }
+
+    /// Whether `changes` would change any field.
+    fn would_change(&self, changes: &[FieldChange<Cow<'_, str>>; TEXT_FIELDS.len()]) -> bool {
+        self.0.iter().zip(changes).any(|(value, change)| match change {
+            FieldChange::Unchanged => false,
+            FieldChange::Clear => value.is_some(),
+            FieldChange::Set(v) => value.as_deref() != Some(&**v),
+        })
+    }
+
+    /// Applies `changes`, reusing a stored value's buffer where one is replaced.
+    fn apply(&mut self, changes: &[FieldChange<Cow<'_, str>>; TEXT_FIELDS.len()]) {
+        for (value, change) in self.0.iter_mut().zip(changes) {
+            match (change, value.as_mut()) {
+                (FieldChange::Unchanged, _) => {}
+                (FieldChange::Clear, _) => *value = None,
+                (FieldChange::Set(v), Some(current)) => {
+                    current.clear();
+                    current.push_str(v);
+                }
+                (FieldChange::Set(v), None) => *value = Some(String::from(&**v)),
+            }
+        }
+    }
+}
+
+impl serde::Serialize for TextFields {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        for (name, value) in self.iter() {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TextFields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// A key, as its position in [`TEXT_FIELDS`] (`None` for any other name).
+        struct Index(Option<usize>);
+        impl<'de> serde::Deserialize<'de> for Index {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct IndexVisitor;
+                impl Visitor<'_> for IndexVisitor {
+                    type Value = Index;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a field name")
+                    }
+                    fn visit_str<E: de::Error>(self, name: &str) -> Result<Index, E> {
+                        Ok(Index(text_field_index(name)))
+                    }
+                }
+                deserializer.deserialize_str(IndexVisitor)
+            }
+        }
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = TextFields;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of text fields")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TextFields, A::Error> {
+                let mut fields = TextFields::default();
+                while let Some(Index(index)) = map.next_key()? {
+                    match index {
+                        Some(i) => fields.0[i] = Some(map.next_value()?),
+                        None => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
 /// A stored prospect.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prospect {
     pub id: ProspectId,
     pub account_id: AccountId,
     pub email: NormalizedEmail,
-    /// Text fields by name, each one of [`TEXT_FIELDS`].
-    pub fields: BTreeMap<&'static str, String>,
+    pub fields: TextFields,
     pub external_id: Option<ExternalId>,
     pub metadata: Map<String, Value>,
     pub status: ProspectStatus,
@@ -182,7 +292,7 @@ impl Prospect {
             id: ProspectId::new(),
             account_id,
             email,
-            fields: BTreeMap::new(),
+            fields: TextFields::default(),
             external_id: None,
             metadata: Map::new(),
             status: ProspectStatus::New,
@@ -216,17 +326,7 @@ impl Prospect {
         if self.email.original() != email.original() {
             self.email = email.clone();
         }
-        for (name, change) in &changes.fields {
-            match change {
-                FieldChange::Unchanged => {}
-                FieldChange::Clear => {
-                    self.fields.remove(*name);
-                }
-                FieldChange::Set(v) => {
-                    self.fields.insert(name, String::from(&**v));
-                }
-            }
-        }
+        self.fields.apply(&changes.fields);
         match &changes.external_id {
             FieldChange::Unchanged => {}
             FieldChange::Clear => self.external_id = None,
@@ -251,11 +351,7 @@ impl Prospect {
             }
             check_metadata_size(&self.metadata)?;
         }
-        let field_changes = changes.fields.iter().any(|(name, change)| match change {
-            FieldChange::Unchanged => false,
-            FieldChange::Clear => self.fields.contains_key(*name),
-            FieldChange::Set(v) => self.fields.get(*name).map(String::as_str) != Some(&**v),
-        });
+        let field_changes = self.fields.would_change(&changes.fields);
         let external_id_changes = match &changes.external_id {
             FieldChange::Unchanged => false,
             FieldChange::Clear => self.external_id.is_some(),
@@ -384,18 +480,31 @@ mod tests {
     }
 
     #[test]
+    fn text_fields_serialize_as_an_object_and_read_back_dropping_unknown_names() {
+        let mut fields = TextFields::default();
+        assert!(fields.set("zip", Some("0150".into())));
+        assert!(fields.set("city", Some("Oslo".into())));
+        assert!(!fields.set("nickname", Some("x".into())));
+        let json = serde_json::to_value(&fields).unwrap();
+        assert_eq!(json, json!({"city": "Oslo", "zip": "0150"}));
+        let read: TextFields = serde_json::from_str(r#"{"zip":"1","city":"Oslo","nickname":"x","zip":"0150"}"#).unwrap();
+        assert_eq!(read, fields);
+        assert_eq!(read.iter().collect::<Vec<_>>(), [("city", "Oslo"), ("zip", "0150")]);
+    }
+
+    #[test]
     fn absent_fields_are_kept_null_fields_are_cleared() {
         let mut p = prospect();
         let email = p.email.clone();
         let mut set = ProspectChanges::default();
-        set.fields.insert("city", FieldChange::Set("Oslo".into()));
-        set.fields.insert("zip", FieldChange::Set("0150".into()));
+        set.fields[text_field_index("city").unwrap()] = FieldChange::Set("Oslo".into());
+        set.fields[text_field_index("zip").unwrap()] = FieldChange::Set("0150".into());
         p.apply(&email, &set).unwrap();
         let mut clear = ProspectChanges::default();
-        clear.fields.insert("zip", FieldChange::Clear);
+        clear.fields[text_field_index("zip").unwrap()] = FieldChange::Clear;
         assert!(p.apply(&email, &clear).unwrap());
-        assert_eq!(p.fields.get("city").map(String::as_str), Some("Oslo"));
-        assert!(!p.fields.contains_key("zip"));
+        assert_eq!(p.fields.get("city"), Some("Oslo"));
+        assert_eq!(p.fields.get("zip"), None);
     }
 
     #[test]
@@ -403,7 +512,7 @@ mod tests {
         let mut p = prospect();
         let email = p.email.clone();
         let mut set = ProspectChanges::default();
-        set.fields.insert("city", FieldChange::Set("Oslo".into()));
+        set.fields[text_field_index("city").unwrap()] = FieldChange::Set("Oslo".into());
         assert!(p.apply(&email, &set).unwrap());
         assert!(!p.apply(&email, &set).unwrap());
     }
@@ -437,14 +546,14 @@ mod tests {
         };
         let before = p.clone();
         p.email = email.clone();
-        for (name, change) in &changes.fields {
+        for (name, change) in TEXT_FIELDS.into_iter().zip(&changes.fields) {
             match change {
                 FieldChange::Unchanged => {}
                 FieldChange::Clear => {
-                    p.fields.remove(*name);
+                    p.fields.set(name, None);
                 }
                 FieldChange::Set(v) => {
-                    p.fields.insert(name, v.to_string());
+                    p.fields.set(name, Some(v.to_string()));
                 }
             }
         }
@@ -502,7 +611,7 @@ mod tests {
                         FieldChange::Clear => FieldChange::Clear,
                         FieldChange::Unchanged => FieldChange::Unchanged,
                     };
-                    changes.fields.insert(name, c);
+                    changes.fields[text_field_index(name).unwrap()] = c;
                 }
                 changes.external_id = match external_id {
                     FieldChange::Set(v) => FieldChange::Set(ExternalId::parse(v).unwrap()),

@@ -320,12 +320,9 @@ fn upsert_command(fields: UpsertFields<'_>) -> Result<UpsertCommand<'_>, ApiErro
     };
 
     let mut changes = ProspectChanges::default();
-    for (name, value) in TEXT_FIELDS.into_iter().zip(fields.text) {
+    for ((name, value), change) in TEXT_FIELDS.into_iter().zip(fields.text).zip(&mut changes.fields) {
         match text_change(name, value) {
-            Ok(FieldChange::Unchanged) => {}
-            Ok(change) => {
-                changes.fields.insert(name, change);
-            }
+            Ok(c) => *change = c,
             Err(e) => errors.push(e.to_string()),
         }
     }

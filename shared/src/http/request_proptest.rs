@@ -97,12 +97,9 @@ mod reference {
             }
         };
         let mut changes = ProspectChanges::default();
-        for name in TEXT_FIELDS {
+        for (name, change) in TEXT_FIELDS.into_iter().zip(&mut changes.fields) {
             match text_change(name, obj.get(name)) {
-                Ok(FieldChange::Unchanged) => {}
-                Ok(change) => {
-                    changes.fields.insert(name, change);
-                }
+                Ok(c) => *change = c,
                 Err(e) => errors.push(e.to_string()),
             }
         }
