@@ -469,17 +469,31 @@ fn percentile_table(bench: &Arc<Bench>, rt: &tokio::runtime::Runtime, cases: &[C
     }
     println!();
     println!("CPU per request: {TIMED_REQUESTS} requests timed one by one per case (the cases taking turns, {ROUND} at a time), after {WARM_UP_REQUESTS} warm-up requests");
-    println!("{:<44} {:>9} {:>9} {:>11} {:>11}", "case", "p50 µs", "p99 µs", "p50 ×floor", "p99 ×floor");
+    println!("(round ×floor: the median over the rounds of the case's p50 in a round to its floor's p50 in the same round)");
+    println!("{:<44} {:>9} {:>9} {:>11} {:>11} {:>13}", "case", "p50 µs", "p99 µs", "p50 ×floor", "p99 ×floor", "round ×floor");
+    let round_p50s: Vec<Vec<f64>> = samples.iter().map(|s| s.chunks(ROUND).map(|round| median(round)).collect()).collect();
     let mut results: Vec<(f64, f64)> = Vec::new();
-    for (case, mut samples) in cases.iter().zip(samples) {
+    for (c, (case, mut samples)) in cases.iter().zip(samples).enumerate() {
         samples.sort_unstable();
         let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
         results.push((p50, p99));
-        match case.floor.and_then(|f| results.get(f)) {
-            Some(&(f50, f99)) => println!("{:<44} {p50:>9.2} {p99:>9.2} {:>10.1}× {:>10.1}×", case.name, p50 / f50, p99 / f99),
-            None => println!("{:<44} {p50:>9.2} {p99:>9.2} {:>11} {:>11}", case.name, "", ""),
+        match case.floor.and_then(|f| Some((f, results.get(f)?))) {
+            Some((f, &(f50, f99))) => {
+                let mut ratios: Vec<f64> = round_p50s[c].iter().zip(&round_p50s[f]).map(|(case, floor)| case / floor).collect();
+                ratios.sort_unstable_by(f64::total_cmp);
+                let round_ratio = ratios[ratios.len() / 2];
+                println!("{:<44} {p50:>9.2} {p99:>9.2} {:>10.1}× {:>10.1}× {round_ratio:>12.1}×", case.name, p50 / f50, p99 / f99);
+            }
+            None => println!("{:<44} {p50:>9.2} {p99:>9.2} {:>11} {:>11} {:>13}", case.name, "", "", ""),
         }
     }
+}
+
+/// The p50 of one round's timings, in microseconds.
+fn median(round: &[StdDuration]) -> f64 {
+    let mut sorted = round.to_vec();
+    sorted.sort_unstable();
+    percentile(&sorted, 50.0)
 }
 
 fn main() {
@@ -499,3 +513,4 @@ fn main() {
         percentile_table(&bench, &rt, &cases);
     }
 }
+

@@ -46,7 +46,7 @@ impl NormalizedEmail {
         if !(local_part_ok(local) && domain_ok(domain)) {
             return Err(EmailError::Invalid);
         }
-        Ok(Self::from_parts(original.to_lowercase(), original.to_owned()))
+        Ok(Self::from_parts(lowercase(original), original.to_owned()))
     }
 
     /// The normalized address: the upsert key.
@@ -71,12 +71,21 @@ impl NormalizedEmail {
     /// Rebuilds a stored address without re-validating the rules of today.
     #[must_use]
     pub fn from_stored(original: String) -> Self {
-        Self::from_parts(original.trim().to_lowercase(), original)
+        Self::from_parts(lowercase(original.trim()), original)
     }
 
     fn from_parts(normalized: String, original: String) -> Self {
         let key_hash = super::hex_lower(&Sha256::digest(normalized.as_bytes()));
         Self { normalized, original, key_hash }
+    }
+}
+
+/// `str::to_lowercase`, through the ASCII case mapping when that is the same thing.
+fn lowercase(s: &str) -> String {
+    if s.is_ascii() {
+        s.to_ascii_lowercase()
+    } else {
+        s.to_lowercase()
     }
 }
 

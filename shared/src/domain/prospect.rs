@@ -164,21 +164,24 @@ pub struct Enrollment {
 /// A prospect's text fields: at most one value for each of [`TEXT_FIELDS`], by position.
 /// Serialized as an object of the fields that are set; names not in [`TEXT_FIELDS`] are
 /// dropped when one is read.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TextFields([Option<String>; TEXT_FIELDS.len()]);
+///
+/// The slots are allocated when the first field is set: a prospect stays small to move (every
+/// port call and future holds one), and one without fields allocates nothing.
+#[derive(Debug, Clone, Default)]
+pub struct TextFields(Vec<Option<String>>);
 
 impl TextFields {
     /// The value of the field `name`, if it is set.
     #[must_use]
     pub fn get(&self, name: &str) -> Option<&str> {
-        text_field_index(name).and_then(|i| self.0[i].as_deref())
+        text_field_index(name).and_then(|i| self.at(i))
     }
 
     /// Sets (`Some`) or clears (`None`) the field `name`. Returns `false`, changing nothing,
     /// for a name not in [`TEXT_FIELDS`].
     pub fn set(&mut self, name: &str, value: Option<String>) -> bool {
         let Some(i) = text_field_index(name) else { return false };
-        self.0[i] = value;
+        self.slots()[i] = value;
         true
     }
 
@@ -187,18 +190,33 @@ impl TextFields {
         TEXT_FIELDS.into_iter().zip(&self.0).filter_map(|(name, value)| Some((name, value.as_deref()?)))
     }
 
+    fn at(&self, i: usize) -> Option<&str> {
+        self.0.get(i).and_then(Option::as_deref)
+    }
+
+    /// One slot per text field, allocated on first use.
+    fn slots(&mut self) -> &mut [Option<String>] {
+        if self.0.is_empty() {
+            self.0.resize(TEXT_FIELDS.len(), None);
+        }
+        &mut self.0
+    }
+
     /// Whether `changes` would change any field.
     fn would_change(&self, changes: &[FieldChange<Cow<'_, str>>; TEXT_FIELDS.len()]) -> bool {
-        self.0.iter().zip(changes).any(|(value, change)| match change {
+        changes.iter().enumerate().any(|(i, change)| match change {
             FieldChange::Unchanged => false,
-            FieldChange::Clear => value.is_some(),
-            FieldChange::Set(v) => value.as_deref() != Some(&**v),
+            FieldChange::Clear => self.at(i).is_some(),
+            FieldChange::Set(v) => self.at(i) != Some(&**v),
         })
     }
 
     /// Applies `changes`, reusing a stored value's buffer where one is replaced.
     fn apply(&mut self, changes: &[FieldChange<Cow<'_, str>>; TEXT_FIELDS.len()]) {
-        for (value, change) in self.0.iter_mut().zip(changes) {
+        if changes.iter().all(|c| matches!(c, FieldChange::Unchanged)) {
+            return;
+        }
+        for (value, change) in self.slots().iter_mut().zip(changes) {
             match (change, value.as_mut()) {
                 (FieldChange::Unchanged, _) => {}
                 (FieldChange::Clear, _) => *value = None,
@@ -211,6 +229,15 @@ impl TextFields {
         }
     }
 }
+
+impl PartialEq for TextFields {
+    /// The same values set: slots not yet allocated are all unset.
+    fn eq(&self, other: &Self) -> bool {
+        (0..TEXT_FIELDS.len()).all(|i| self.at(i) == other.at(i))
+    }
+}
+
+impl Eq for TextFields {}
 
 impl serde::Serialize for TextFields {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -251,7 +278,7 @@ impl<'de> serde::Deserialize<'de> for TextFields {
                 let mut fields = TextFields::default();
                 while let Some(Index(index)) = map.next_key()? {
                     match index {
-                        Some(i) => fields.0[i] = Some(map.next_value()?),
+                        Some(i) => fields.slots()[i] = Some(map.next_value()?),
                         None => {
                             map.next_value::<IgnoredAny>()?;
                         }
