@@ -32,8 +32,12 @@ pub use prospect::{
 #[must_use]
 fn hex_lower(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digits = bytes.iter().flat_map(|&byte| [DIGITS[usize::from(byte >> 4)], DIGITS[usize::from(byte & 0x0f)]]);
-    String::from_utf8(digits.collect()).expect("hex digits are ASCII")
+    let mut out = vec![0; bytes.len() * 2];
+    for (pair, &byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
+    }
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 /// Whether `s` has more than `max` characters; counts them only when its bytes could be more.
