@@ -471,7 +471,7 @@ fn percentile_table(bench: &Arc<Bench>, rt: &tokio::runtime::Runtime, cases: &[C
     println!("CPU per request: {TIMED_REQUESTS} requests timed one by one per case (the cases taking turns, {ROUND} at a time), after {WARM_UP_REQUESTS} warm-up requests");
     println!("(round ×floor: the median over the rounds of the case's p50 in a round to its floor's p50 in the same round)");
     println!("{:<44} {:>9} {:>9} {:>11} {:>11} {:>13}", "case", "p50 µs", "p99 µs", "p50 ×floor", "p99 ×floor", "round ×floor");
-    let round_p50s: Vec<Vec<f64>> = samples.iter().map(|s| s.chunks(ROUND).map(|round| median(round)).collect()).collect();
+    let round_p50s: Vec<Vec<f64>> = samples.iter().map(|s| s.chunks(ROUND).map(median).collect()).collect();
     let mut results: Vec<(f64, f64)> = Vec::new();
     for (c, (case, mut samples)) in cases.iter().zip(samples).enumerate() {
         samples.sort_unstable();
