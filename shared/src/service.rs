@@ -1,7 +1,6 @@
 //! The application service: authentication, the POST upsert and the PATCH status change,
 //! written once against the ports and used by every entry point.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
@@ -98,8 +97,10 @@ pub struct Caller {
     pub rate: RateDecision,
 }
 
-/// Key records by hash, with when they were read; shared, not copied, by the requests.
-type KeyCache = HashMap<KeyHash, (Arc<ApiKeyRecord>, OffsetDateTime)>;
+/// Key records by hash, with when they were read; shared, not copied, by the requests. Hashed
+/// with foldhash rather than SipHash: only keys that exist are ever inserted, so no client can
+/// choose the entries to flood the map with colliding ones.
+type KeyCache = foldhash::HashMap<KeyHash, (Arc<ApiKeyRecord>, OffsetDateTime)>;
 
 /// The prospects service.
 #[derive(Clone)]
