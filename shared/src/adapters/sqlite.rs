@@ -580,12 +580,16 @@ fn read_prospect(row: &rusqlite::Row<'_>) -> rusqlite::Result<ProspectRecord> {
 }
 
 fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
-    let (sql, value) = match by {
-        ProspectRef::Id(id) => (select_prospect_by!("id"), id.to_string()),
-        ProspectRef::ExternalId(ext) => (select_prospect_by!("external_id"), ext.as_str().to_owned()),
-        ProspectRef::Email(email) => (select_prospect_by!("email_hash"), email.key_hash().to_owned()),
-        ProspectRef::EmailHash(hash) => (select_prospect_by!("email_hash"), hash.clone()),
-    };
+    match by {
+        ProspectRef::Id(id) => find_prospect_where(conn, select_prospect_by!("id"), account, &id.to_string()),
+        ProspectRef::ExternalId(ext) => find_prospect_where(conn, select_prospect_by!("external_id"), account, ext.as_str()),
+        ProspectRef::Email(email) => find_prospect_where(conn, select_prospect_by!("email_hash"), account, email.key_hash()),
+        ProspectRef::EmailHash(hash) => find_prospect_where(conn, select_prospect_by!("email_hash"), account, hash),
+    }
+}
+
+/// The account's prospect that `sql` (a `select_prospect_by!`) finds by `value`.
+fn find_prospect_where(conn: &Connection, sql: &str, account: AccountId, value: &str) -> Result<Option<Prospect>, StoreError> {
     query_row(conn, sql, params![account.to_string(), value], read_prospect)
         .optional()
         .map_err(db_error)?
@@ -627,11 +631,10 @@ impl ProspectRepository for SqliteStore {
         email: &NormalizedEmail,
         campaign: Option<CampaignId>,
     ) -> Result<UpsertContext, StoreError> {
-        let by = ProspectRef::EmailHash(email.key_hash().to_owned());
         // Each lookup reads the latest commit; they need no common snapshot: the account's
         // default and the requested campaign do not depend on the prospect.
         self.read(|conn| {
-            let prospect = find_prospect(conn, account, &by)?;
+            let prospect = find_prospect_where(conn, select_prospect_by!("email_hash"), account, email.key_hash())?;
             // Only a new prospect is enrolled in the default campaign.
             let account: Option<Account> = match prospect {
                 Some(_) => None,
