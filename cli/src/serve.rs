@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::adapters::smtp::SmtpMailer;
-use shared::adapters::sqlite::SqliteStore;
+use shared::adapters::sqlite::drain_due_jobs;
 use shared::admin;
 use shared::backend::Backend;
 use shared::config::{MAILER, SENDER, SMTP_URL, UNSUBSCRIBE_SECRET};
 use shared::domain::{SystemClock, UnsubscribeSecret};
 use shared::http::{router, Routes, KEY_HEADER, PROSPECTS_PATH};
-use shared::ports::Mailer;
-use shared::scheduler::{drain_embedded, DeliverySettings, Scheduler};
+use shared::ports::{Mailer, PullQueue};
+use shared::scheduler::{DeliverySettings, Scheduler};
 use tokio::sync::watch;
 
 use crate::app::AppError;
@@ -51,9 +51,9 @@ fn unsubscribe_secret(data_dir: &Path) -> Result<UnsubscribeSecret, AppError> {
     UnsubscribeSecret::new(value.trim().as_bytes().to_vec()).map_err(usage)
 }
 
-fn mailer(store: &SqliteStore) -> Result<Arc<dyn Mailer>, AppError> {
+fn mailer(outbox: &Arc<dyn Mailer>) -> Result<Arc<dyn Mailer>, AppError> {
     match std::env::var(MAILER).as_deref() {
-        Err(_) | Ok("" | "outbox") => Ok(Arc::new(store.clone())),
+        Err(_) | Ok("" | "outbox") => Ok(Arc::clone(outbox)),
         Ok("smtp") => {
             let url = std::env::var(SMTP_URL).map_err(|_| usage(format!("{MAILER}=smtp needs {SMTP_URL}")))?;
             Ok(Arc::new(SmtpMailer::from_url(&url).map_err(usage)?))
@@ -74,7 +74,7 @@ pub async fn serve(backend: Backend, data_dir: &Path, addr: SocketAddr, public_u
     let mut service = backend.service(Arc::new(SystemClock));
     let mut scheduler_task = None;
 
-    if let Some(store) = &backend.embedded {
+    if let (Some(queue), Some(outbox)) = (backend.pull_queue.clone(), backend.outbox.clone()) {
         if let Some(demo) = admin::bootstrap_demo(backend.admin.as_ref(), &SystemClock).await? {
             println!("First start: created a demo account ({}), its default campaign and an API key:", demo.account.id);
             println!("\n    {}\n\nIt is shown only once. Try it:\n", demo.key.expose());
@@ -86,11 +86,11 @@ pub async fn serve(backend: Backend, data_dir: &Path, addr: SocketAddr, public_u
         }
         let secret = unsubscribe_secret(data_dir)?;
         service = service.with_unsubscribe_secret(secret.clone());
-        let ports = backend.scheduler_ports(mailer(store)?, Arc::new(SystemClock)).ok_or_else(|| usage("the embedded store has no queue"))?;
+        let ports = backend.scheduler_ports(mailer(&outbox)?, Arc::new(SystemClock)).ok_or_else(|| usage("the embedded store has no queue"))?;
         let sender = std::env::var(SENDER).unwrap_or_else(|_| DEFAULT_SENDER.to_owned());
         shared::adapters::smtp::validate_sender(&sender).map_err(usage)?;
         let scheduler = Scheduler::new(ports, DeliverySettings { sender, public_url: public_url.clone(), unsubscribe_secret: secret });
-        scheduler_task = Some(tokio::spawn(run_scheduler(scheduler, store.clone(), stop_rx.clone())));
+        scheduler_task = Some(tokio::spawn(run_scheduler(scheduler, queue, stop_rx.clone())));
     }
 
     let app = router(service, Routes::All);
@@ -110,9 +110,9 @@ pub async fn serve(backend: Backend, data_dir: &Path, addr: SocketAddr, public_u
 }
 
 /// The embedded scheduler loop: every tick, handle the jobs that are due.
-async fn run_scheduler(scheduler: Scheduler, store: SqliteStore, mut stop: watch::Receiver<bool>) {
+async fn run_scheduler(scheduler: Scheduler, queue: Arc<dyn PullQueue>, mut stop: watch::Receiver<bool>) {
     loop {
-        if let Err(e) = drain_embedded(&scheduler, &store).await {
+        if let Err(e) = drain_due_jobs(&scheduler, queue.as_ref()).await {
             tracing::warn!(error = %e, "scheduler pass failed; retrying next tick");
         }
         tokio::select! {

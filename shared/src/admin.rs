@@ -1,7 +1,7 @@
 //! Administration: accounts, keys and campaigns, as the `cadenhq` commands manage them on
 //! either backend.
 
-use crate::domain::{Account, AccountId, ApiKey, ApiKeyRecord, Campaign, CampaignDefinition, Clock};
+use crate::domain::{Account, AccountId, ApiKey, ApiKeyRecord, Campaign, CampaignDefinition, CampaignId, Clock, SendingChange};
 use crate::ports::{AdminStore, StoreError};
 
 /// Why an admin command failed.
@@ -9,6 +9,8 @@ use crate::ports::{AdminStore, StoreError};
 pub enum AdminError {
     #[error("no account {0}")]
     UnknownAccount(AccountId),
+    #[error("no campaign {0}")]
+    UnknownCampaign(CampaignId),
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -27,6 +29,34 @@ pub async fn create_account(store: &dyn AdminStore, name: &str, clock: &dyn Cloc
     let account = Account { id: AccountId::new(), name: name.to_owned(), default_campaign_id: None, created_at: clock.now() };
     store.create_account(&account).await?;
     Ok(account)
+}
+
+/// How many times a campaign change re-reads after another change won the race.
+const CAMPAIGN_CHANGE_ATTEMPTS: usize = 5;
+
+/// Pauses, resumes or deactivates a campaign: one conditional write on the campaign's sending
+/// version, re-read and retried if another change won. Pausing stops every running enrollment
+/// from sending; resuming continues each from its next step, due no earlier than the resume
+/// time plus the time it had left; deactivating ends them and takes no new enrollments.
+///
+/// # Errors
+/// [`AdminError::UnknownCampaign`]; [`AdminError::Invalid`] when the change does not apply
+/// (e.g. pausing a paused campaign); storage errors.
+pub async fn change_campaign_sending(
+    store: &dyn AdminStore,
+    id: CampaignId,
+    change: SendingChange,
+    clock: &dyn Clock,
+) -> Result<Campaign, AdminError> {
+    for _ in 0..CAMPAIGN_CHANGE_ATTEMPTS {
+        let mut campaign = store.get_campaign(id).await?.ok_or(AdminError::UnknownCampaign(id))?;
+        let expected = campaign.sending_version;
+        campaign.apply(change, clock.now()).map_err(|e| AdminError::Invalid(e.to_string()))?;
+        if store.replace_campaign(&campaign, expected).await? {
+            return Ok(campaign);
+        }
+    }
+    Err(AdminError::Invalid(format!("campaign {id} kept changing; try again")))
 }
 
 async fn existing_account(store: &dyn AdminStore, id: AccountId) -> Result<Account, AdminError> {

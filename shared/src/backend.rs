@@ -8,9 +8,10 @@ use crate::adapters::dynamodb::{DynamoRateLimiter, DynamoStore};
 use crate::adapters::local_rate_limit::LocalRateLimiter;
 use crate::adapters::sqlite::SqliteStore;
 use crate::adapters::sqs::SqsQueue;
-use crate::domain::Clock;
+use crate::domain::{Clock, Prospect, SendKey, SendState};
 use crate::ports::{
-    AdminStore, IdempotencyStore, JobQueue, KeyStore, Mailer, ProspectRepository, RateLimiter, SendLog, StoreError,
+    AdminStore, IdempotencyStore, JobQueue, KeyStore, Mailer, ProspectRepository, PullQueue, RateLimiter, SendLog,
+    StoreError,
 };
 use crate::scheduler::SchedulerPorts;
 use crate::service::{ProspectService, ServicePorts};
@@ -30,23 +31,31 @@ pub struct Backend {
     pub limiter: Arc<dyn RateLimiter>,
     pub key_cache_ttl: std::time::Duration,
     pub queue: Option<Arc<dyn JobQueue>>,
-    /// The embedded store itself, when this is the embedded backend (its queue, send log and
-    /// outbox serve the in-process scheduler).
-    pub embedded: Option<SqliteStore>,
+    /// The same queue, when the process pulls due jobs from it itself (the embedded store's);
+    /// `None` when the queue pushes them to a function (SQS).
+    pub pull_queue: Option<Arc<dyn PullQueue>>,
+    /// A mailer that keeps emails in the store instead of sending them (the embedded outbox).
+    pub outbox: Option<Arc<dyn Mailer>>,
 }
 
 impl Backend {
-    /// When each enrollment of `prospect` completed its campaign (its last step's claim in the
-    /// send log), in the order of `prospect.enrollments`; `None` while it has steps to go.
+    /// When each enrollment of `prospect` completed its campaign, in the order of
+    /// `prospect.enrollments`: the time its last step was sent (or found unknown, which is
+    /// never resent); `None` while it has steps to go, or when its last step was skipped.
     ///
     /// # Errors
     /// [`StoreError`] on a backend failure.
-    pub async fn completions(&self, prospect: &crate::domain::Prospect) -> Result<Vec<Option<time::OffsetDateTime>>, StoreError> {
+    pub async fn completions(&self, prospect: &Prospect) -> Result<Vec<Option<time::OffsetDateTime>>, StoreError> {
         let mut completions = Vec::with_capacity(prospect.enrollments.len());
         for enrollment in &prospect.enrollments {
             let last_step = self.admin.get_campaign(enrollment.campaign_id).await?.map(|c| c.steps.len().saturating_sub(1));
             let completed = match last_step.and_then(|s| u32::try_from(s).ok()) {
-                Some(step) => self.sends.claimed_at(enrollment.id, step).await?,
+                Some(step) => self
+                    .sends
+                    .send_record(SendKey { enrollment: enrollment.id, step })
+                    .await?
+                    .filter(|r| matches!(r.state, SendState::Sent { .. } | SendState::Unknown { .. }))
+                    .map(|r| r.updated_at),
                 None => None,
             };
             completions.push(completed);
@@ -75,7 +84,8 @@ impl Backend {
             limiter: Arc::new(LocalRateLimiter::default()),
             key_cache_ttl: std::time::Duration::ZERO,
             queue: Some(Arc::new(store.clone())),
-            embedded: Some(store.clone()),
+            pull_queue: Some(Arc::new(store.clone())),
+            outbox: Some(Arc::new(store.clone())),
         }
     }
 
@@ -100,7 +110,8 @@ impl Backend {
             limiter: Arc::new(DynamoRateLimiter::new(client, table)),
             key_cache_ttl: LAMBDA_KEY_CACHE_TTL,
             queue,
-            embedded: None,
+            pull_queue: None,
+            outbox: None,
         }
     }
 
@@ -114,6 +125,7 @@ impl Backend {
             sends: Arc::clone(&self.sends),
             queue: self.queue.clone()?,
             mailer,
+            statuses: self.service(Arc::clone(&clock)),
             clock,
         })
     }

@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::domain::{
-    Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, EnrollmentId, ExternalId,
+    Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, ClaimOwner, ExternalId, SendKey, SendRecord,
+    SendState,
     IdempotencyBegin, IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectId, ProspectStatus,
     RateDecision, RateLimit, StoredResponse,
 };
@@ -153,36 +154,105 @@ pub trait JobQueue: Send + Sync {
     }
 }
 
-/// The result of claiming a send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// This worker may send.
-    Won,
-    /// Someone claimed it at `since` (and sent, or is sending, or died trying).
-    Held { since: OffsetDateTime },
+/// A claim of one step's send, and everything it is conditional on: the prospect still `new`
+/// with this enrollment active, and the campaign still at the sending version the scheduler
+/// read. Stores check all of it in the one atomic write that takes the claim (DynamoDB: one
+/// transaction with condition checks on the prospect and campaign items; SQLite: one
+/// transaction), so a status change or a pause acknowledged before the claim stops the email.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub key: SendKey,
+    pub account: AccountId,
+    pub prospect: ProspectId,
+    /// With `account`, the prospect's storage key.
+    pub email_hash: String,
+    /// The enrollment's sequence number: active while above the prospect's `ended_through`.
+    pub enrollment_seq: u32,
+    pub campaign: CampaignId,
+    pub campaign_version: u64,
+    /// This claim's owner: random per attempt.
+    pub owner: ClaimOwner,
+    /// Which attempt this is (0 for the first). A retry takes over a record in
+    /// `retry_scheduled` for this attempt.
+    pub attempt: u32,
+    /// The claim whose attempt failed in a way that proved the email was not taken, named by
+    /// the retry job that claim published: a retry may take over that claim even when
+    /// recording `retry_scheduled` failed.
+    pub retry_of: Option<ClaimOwner>,
+    pub now: OffsetDateTime,
 }
 
-/// The record of which (enrollment, step) emails were sent: what makes delivery exactly-once.
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimResult {
+    /// This worker holds the claim (a new one, a retry's, or its own claim written twice).
+    Won,
+    /// The step is someone else's claim or already has an outcome: nothing was written.
+    Taken(SendRecord),
+    /// The prospect is gone, not `new`, or this enrollment ended: nothing was written.
+    ProspectChanged,
+    /// The campaign is gone or its sending state changed (paused, resumed, deactivated) since
+    /// the version named: nothing was written.
+    CampaignChanged,
+}
+
+/// The record of each (enrollment, step) send: what makes delivery at most once, and what
+/// says where every step stands.
 #[async_trait]
 pub trait SendLog: Send + Sync {
-    /// Claims the right to send step `step` of an enrollment, with one conditional write.
+    /// Claims a step's send with one atomic, conditional write (see [`ClaimRequest`]). A
+    /// write retried after its answer was lost finds its own owner and wins.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
-    async fn claim_send(&self, enrollment: EnrollmentId, step: u32, now: OffsetDateTime) -> Result<Claim, StoreError>;
+    async fn claim_send(&self, claim: &ClaimRequest) -> Result<ClaimResult, StoreError>;
 
-    /// Gives a claim back after the provider failed transiently, so a retry may send.
+    /// Moves a step still claimed by `owner` to `state`. `false` (nothing written) when the
+    /// record is no longer that owner's claim, e.g. a redelivery found its lease expired and
+    /// recorded `unknown`.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
-    async fn release_send(&self, enrollment: EnrollmentId, step: u32) -> Result<(), StoreError>;
+    async fn record_send(&self, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError>;
 
-    /// When step `step` of an enrollment was claimed, if it was (and not released). An
-    /// enrollment whose last step is claimed has completed its campaign.
+    /// The record of one step, if it was ever claimed.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
-    async fn claimed_at(&self, enrollment: EnrollmentId, step: u32) -> Result<Option<OffsetDateTime>, StoreError>;
+    async fn send_record(&self, key: SendKey) -> Result<Option<SendRecord>, StoreError>;
+}
+
+/// A queue the process pulls due jobs from itself (the embedded store's), rather than one
+/// that pushes them to a function (SQS).
+#[async_trait]
+pub trait PullQueue: Send + Sync {
+    /// Takes up to `limit` jobs visible at `now` and hides them until `lease_until`, so a job
+    /// whose worker dies is handed out again then.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn lease_due(&self, now: OffsetDateTime, lease_until: OffsetDateTime, limit: u32) -> Result<Vec<LeasedJob>, StoreError>;
+
+    /// Removes a job that was handled.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn ack(&self, id: i64) -> Result<(), StoreError>;
+
+    /// Moves a job that cannot be handled aside, with the reason.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn dead_letter(&self, id: i64, reason: String) -> Result<(), StoreError>;
+}
+
+/// A job taken from a [`PullQueue`], invisible to others until its lease ends.
+#[derive(Debug, Clone)]
+pub struct LeasedJob {
+    pub id: i64,
+    pub body: String,
+    /// How many times it has been handed out, this time included.
+    pub deliveries: u32,
 }
 
 /// Looking up keys for authentication.
@@ -280,12 +350,13 @@ pub trait AdminStore: Send + Sync {
     /// # Errors
     /// [`StoreError`] on a backend failure.
     async fn list_campaigns(&self, account: AccountId) -> Result<Vec<Campaign>, StoreError>;
-    /// Deactivates a campaign (no new enrollments; it stops being the default). `false` if
-    /// there is no such campaign.
+    /// Replaces a campaign's stored state by `campaign` if its sending version is still
+    /// `expected_version` (one conditional write); a campaign that is no longer active stops
+    /// being its account's default. `false` when it changed meanwhile or does not exist.
     ///
     /// # Errors
     /// [`StoreError`] on a backend failure.
-    async fn deactivate_campaign(&self, id: CampaignId) -> Result<bool, StoreError>;
+    async fn replace_campaign(&self, campaign: &Campaign, expected_version: u64) -> Result<bool, StoreError>;
     /// # Errors
     /// [`StoreError`] on a backend failure.
     async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError>;
@@ -308,25 +379,49 @@ pub struct OutgoingEmail {
     pub unsubscribe_url: String,
 }
 
-/// Why a mail provider did not take an email.
+/// Why a mail provider did not take an email, by what its answer proves.
 #[derive(Debug, thiserror::Error)]
 pub enum MailError {
-    /// Worth retrying later (connection refused, throttled, 4xx SMTP reply, provider 5xx).
-    #[error("mail provider temporarily failed")]
-    Transient(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The provider's answer proves it did not take the email (throttled, connection refused,
+    /// a 4xx answer before acceptance, a message that could not be built): safe to retry.
+    #[error("mail provider did not take the email")]
+    NotAccepted(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The provider refused the recipient for good (5xx SMTP reply to RCPT, SES rejection of
     /// the address): the prospect is marked bounced.
     #[error("recipient rejected: {0}")]
     Rejected(String),
+    /// The provider may have taken the email (a timeout or a dropped connection after the
+    /// request was written, a 5xx answer): never resent automatically.
+    #[error("mail provider outcome unknown")]
+    Unknown(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// An email the provider took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// The provider's id of the message (SES `MessageId`, or the `Message-ID` header).
+    pub message_id: String,
+    /// Whether the mailer recorded the send itself, in the same transaction as the email (the
+    /// embedded outbox), so the scheduler writes nothing more.
+    pub recorded: bool,
+}
+
+/// Which claimed step an email is sent for: lets a mailer that shares the send log's store
+/// record the send with the email, atomically.
+#[derive(Debug, Clone, Copy)]
+pub struct SendClaim {
+    pub key: SendKey,
+    pub owner: ClaimOwner,
+    pub now: OffsetDateTime,
 }
 
 /// Sends campaign emails.
 #[async_trait]
 pub trait Mailer: Send + Sync {
-    /// Sends one email.
+    /// Sends one email, for the step `claim` holds.
     ///
     /// # Errors
-    /// [`MailError::Transient`] when a retry may succeed, [`MailError::Rejected`] when the
-    /// recipient address is refused for good.
-    async fn send(&self, email: &OutgoingEmail) -> Result<(), MailError>;
+    /// [`MailError::NotAccepted`] when a retry may send it, [`MailError::Rejected`] when the
+    /// recipient address is refused for good, [`MailError::Unknown`] when it may have been sent.
+    async fn send(&self, email: &OutgoingEmail, claim: &SendClaim) -> Result<Delivered, MailError>;
 }

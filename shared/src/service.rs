@@ -10,7 +10,7 @@ use tracing::{info, instrument};
 use crate::domain::{
     AccountId, ApiKey, ApiKeyRecord, CampaignId, CampaignJob, Clock, Enrollment, FieldError, IdempotencyBegin,
     IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectChanges, ProspectId, ProspectStatus,
-    RateDecision, StoredResponse, UnsubscribeSecret,
+    RateDecision, StatusReason, StoredResponse, UnsubscribeSecret,
 };
 use crate::ports::{
     Conflict, IdempotencyStore, JobQueue, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, StoreError,
@@ -141,7 +141,7 @@ impl ProspectService {
     /// [`ServiceError::InvalidToken`]; [`ServiceError::NotFound`] when the prospect is gone.
     pub async fn unsubscribe(&self, token: &str) -> Result<Prospect, ServiceError> {
         let (account, prospect) = self.verify_unsubscribe(token)?;
-        self.set_status(account, &ProspectRef::Id(prospect), ProspectStatus::Unsubscribed).await
+        self.set_status(account, &ProspectRef::Id(prospect), ProspectStatus::Unsubscribed, StatusReason::UnsubscribeLink).await
     }
 
     /// The stored record of a presented key, through the key cache.
@@ -300,6 +300,7 @@ impl ProspectService {
             published_at: now,
             attempt: 0,
             not_before: None,
+            retry_of: None,
         };
         let Some(queue) = &self.ports.queue else {
             return Err(ServiceError::Internal(StoreError::other("no job queue is configured")));
@@ -311,6 +312,8 @@ impl ProspectService {
     }
 
     /// Sets a prospect's status; any status but `new` ends all its enrollments in that write.
+    /// The one path for every status change: PATCH, the unsubscribe link and the scheduler's
+    /// bounce on a rejected address all come through here, each naming its `reason`.
     ///
     /// # Errors
     /// [`ServiceError::NotFound`] when the account has no such prospect; storage errors.
@@ -320,6 +323,7 @@ impl ProspectService {
         account: AccountId,
         prospect: &ProspectRef,
         status: ProspectStatus,
+        reason: StatusReason,
     ) -> Result<Prospect, ServiceError> {
         let updated = self
             .ports
@@ -327,7 +331,7 @@ impl ProspectService {
             .set_status(account, prospect, status, self.ports.clock.now())
             .await?
             .ok_or(ServiceError::NotFound)?;
-        info!(account_id = %account, prospect_id = %updated.id, status = status.as_str(), "prospect status set");
+        info!(account_id = %account, prospect_id = %updated.id, status = status.as_str(), reason = reason.as_str(), "prospect status set");
         Ok(updated)
     }
 }

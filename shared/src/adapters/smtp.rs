@@ -1,10 +1,15 @@
 //! SMTP mailer: sends campaign emails through any relay named by a URL, and builds the MIME
 //! message (plain text and HTML alternatives, RFC 8058 one-click unsubscribe headers) that the
-//! SES adapter sends as well. A permanent reply in the mail-system range (55x: mailbox
-//! unavailable, not local, storage exceeded, name not allowed, transaction failed) rejects the
-//! recipient; every other failure, permanent replies about syntax or authentication included,
-//! is transient, so a misconfigured relay fills the dead-letter queue instead of bouncing every
-//! prospect. Provider replies are kept for diagnostics with every address in them redacted.
+//! SES adapter (and the embedded outbox) send as well.
+//!
+//! What a failure proves decides what happens next. A permanent reply in the mail-system range
+//! (55x: mailbox unavailable, not local, storage exceeded, name not allowed, transaction failed)
+//! rejects the recipient. Any other reply, a refused connection, a TLS or client-side failure
+//! proves the relay did not take the message: it is retried later (a misconfigured relay fills
+//! the dead-letter queue instead of bouncing every prospect). A timeout or a connection lost
+//! mid-transaction may have happened after the relay took the message: the outcome is unknown
+//! and the email is not sent again. Provider replies are kept for diagnostics with every
+//! address in them redacted.
 
 use std::fmt;
 
@@ -14,7 +19,7 @@ use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::response::{Category, Severity};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use crate::ports::{MailError, Mailer, OutgoingEmail};
+use crate::ports::{Delivered, MailError, Mailer, OutgoingEmail, SendClaim};
 
 const LIST_UNSUBSCRIBE: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe");
 const LIST_UNSUBSCRIBE_POST: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe-Post");
@@ -59,22 +64,62 @@ impl SmtpMailer {
 
 #[async_trait]
 impl Mailer for SmtpMailer {
-    async fn send(&self, email: &OutgoingEmail) -> Result<(), MailError> {
+    async fn send(&self, email: &OutgoingEmail, _claim: &SendClaim) -> Result<Delivered, MailError> {
         let message = build_message(email)?;
-        self.transport.send(message).await.map(drop).map_err(|e| classify(&e))
+        let message_id = message_id(&message);
+        self.transport.send(message).await.map_err(|e| classify(&e))?;
+        Ok(Delivered { message_id, recorded: false })
     }
 }
 
 fn classify(error: &lettre::transport::smtp::Error) -> MailError {
     let failure = ProviderFailure::new(&error.to_string());
-    match error.status() {
-        Some(code)
-            if code.severity == Severity::PermanentNegativeCompletion && code.category == Category::MailSystem =>
-        {
-            MailError::Rejected(format!("SMTP {failure}"))
+    if let Some(code) = error.status() {
+        if code.severity == Severity::PermanentNegativeCompletion && code.category == Category::MailSystem {
+            return MailError::Rejected(format!("SMTP {failure}"));
         }
-        _ => MailError::Transient(Box::new(failure)),
+        return MailError::NotAccepted(Box::new(failure));
     }
+    if error.is_client() || error.is_tls() || error.is_transport_shutdown() || refused_connection(error) {
+        return MailError::NotAccepted(Box::new(failure));
+    }
+    MailError::Unknown(Box::new(failure))
+}
+
+/// Whether the failure is a connection the relay never accepted.
+pub(crate) fn refused_connection(error: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), ErrorKind::ConnectionRefused | ErrorKind::AddrNotAvailable | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The `Message-ID` header of a built message, without its angle brackets.
+pub(crate) fn message_id(message: &Message) -> String {
+    message.headers().get_raw("Message-ID").unwrap_or_default().trim().trim_start_matches('<').trim_end_matches('>').to_owned()
+}
+
+/// The headers of a MIME message, in order, with folded lines joined.
+pub(crate) fn header_lines(mime: &str) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for line in mime.split("\r\n").take_while(|l| !l.is_empty()) {
+        if line.starts_with([' ', '\t']) {
+            if let Some((_, value)) = headers.last_mut() {
+                value.push(' ');
+                value.push_str(line.trim());
+            }
+        } else if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.to_owned(), value.trim().to_owned()));
+        }
+    }
+    headers
 }
 
 /// The MIME message for `email`: `From`, `To`, `Subject` (RFC 2047-encoded when needed),
@@ -82,10 +127,10 @@ fn classify(error: &lettre::transport::smtp::Error) -> MailError {
 /// plain-text part first and the HTML part last.
 ///
 /// # Errors
-/// [`MailError::Rejected`] when `to` is not an email address; [`MailError::Transient`] when
+/// [`MailError::Rejected`] when `to` is not an email address; [`MailError::NotAccepted`] when
 /// `from` is not one (a configuration problem: the job is retried and dead-lettered rather than
-/// the prospect marked bounced; [`validate_sender`] catches it at start-up) or when the unsubscribe URL is not a plain ASCII URL (a bug upstream:
-/// the job is retried and dead-lettered rather than the prospect marked bounced).
+/// the prospect marked bounced; [`validate_sender`] catches it at start-up) or when the
+/// unsubscribe URL is not a plain ASCII URL (a bug upstream, handled the same way).
 /// Checks a configured sender (`From:`) address, so a typo fails at start-up.
 ///
 /// # Errors
@@ -100,10 +145,10 @@ pub(crate) fn build_message(email: &OutgoingEmail) -> Result<Message, MailError>
     let from: Mailbox = email
         .from
         .parse()
-        .map_err(|e| MailError::Transient(Box::new(ProviderFailure::new(&format!("invalid sender address: {e}")))))?;
+        .map_err(|e| MailError::NotAccepted(Box::new(ProviderFailure::new(&format!("invalid sender address: {e}")))))?;
     let url = &email.unsubscribe_url;
     if url.is_empty() || !url.bytes().all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>') {
-        return Err(MailError::Transient(Box::new(ProviderFailure::new(
+        return Err(MailError::NotAccepted(Box::new(ProviderFailure::new(
             "the unsubscribe URL is empty or not a plain ASCII URL",
         ))));
     }
@@ -115,7 +160,7 @@ pub(crate) fn build_message(email: &OutgoingEmail) -> Result<Message, MailError>
         .raw_header(HeaderValue::new(LIST_UNSUBSCRIBE, format!("<{url}>")))
         .raw_header(HeaderValue::new(LIST_UNSUBSCRIBE_POST, ONE_CLICK.to_owned()))
         .multipart(MultiPart::alternative_plain_html(email.text_body.clone(), email.html_body.clone()))
-        .map_err(|e| MailError::Transient(Box::new(e)))
+        .map_err(|e| MailError::NotAccepted(Box::new(e)))
 }
 
 /// A mail provider's failure as text, with every address in it redacted.
@@ -213,21 +258,36 @@ mod tests {
     }
 
     #[test]
-    fn invalid_sender_is_a_transient_configuration_failure_not_a_bounce() {
+    fn invalid_sender_is_a_configuration_failure_not_a_bounce() {
         let result = build_message(&OutgoingEmail { from: "cadenhq.test".into(), ..email() });
 
-        assert!(matches!(result, Err(MailError::Transient(e)) if e.to_string().contains("sender")));
+        assert!(matches!(result, Err(MailError::NotAccepted(e)) if e.to_string().contains("sender")));
         assert!(validate_sender("cadenhq.test").is_err());
         assert!(validate_sender("Acme <hello@acme.example>").is_ok());
     }
 
     #[test]
-    fn unsubscribe_url_that_would_break_the_header_is_transient() {
+    fn unsubscribe_url_that_would_break_the_header_is_not_sent() {
         for url in ["", "https://x.test/u?t=a b", "https://x.test/u>", "https://x.test/ü"] {
             let result = build_message(&OutgoingEmail { unsubscribe_url: url.into(), ..email() });
 
-            assert!(matches!(result, Err(MailError::Transient(_))), "{url:?}");
+            assert!(matches!(result, Err(MailError::NotAccepted(_))), "{url:?}");
         }
+    }
+
+    #[test]
+    fn header_lines_unfold_and_keep_the_order() {
+        let message = build_message(&email()).unwrap();
+        let text = String::from_utf8(message.formatted()).unwrap();
+
+        let headers = header_lines(&text);
+
+        let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names.first(), Some(&"From"), "{names:?}");
+        assert!(names.contains(&"List-Unsubscribe") && names.contains(&"List-Unsubscribe-Post"), "{names:?}");
+        let id = &headers.iter().find(|(n, _)| n == "Message-ID").expect("Message-ID").1;
+        assert_eq!(*id, format!("<{}>", message_id(&message)));
+        assert!(!message_id(&message).is_empty());
     }
 
     #[test]

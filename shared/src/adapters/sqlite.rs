@@ -53,11 +53,12 @@ use crate::domain::{
     NormalizedEmail, Prospect, ProspectStatus,
 };
 use crate::domain::{
-    EnrollmentId, IdempotencyBegin, IdempotencyKey, RateLimit, StoredResponse, IDEMPOTENCY_TTL, IN_FLIGHT_LEASE,
+    ClaimOwner, SendKey, SendRecord, SendState, IdempotencyBegin, IdempotencyKey, RateLimit, StoredResponse, IDEMPOTENCY_TTL, IN_FLIGHT_LEASE,
 };
+pub use crate::ports::LeasedJob;
 use crate::ports::{
-    AdminStore, Claim, Conflict, IdempotencyStore, JobQueue, KeyStore, MailError, Mailer, OutgoingEmail,
-    ProspectRef, ProspectRepository, Replacing, SendLog, StoreError, UpsertContext,
+    AdminStore, ClaimRequest, ClaimResult, Conflict, Delivered, IdempotencyStore, JobQueue, KeyStore, MailError, Mailer,
+    OutgoingEmail, ProspectRef, ProspectRepository, PullQueue, Replacing, SendClaim, SendLog, StoreError, UpsertContext,
 };
 
 /// File name of the database inside the data directory.
@@ -114,25 +115,58 @@ CREATE TRIGGER IF NOT EXISTS api_keys_deleted AFTER DELETE ON api_keys
     BEGIN UPDATE meta SET keys_version = keys_version + 1 WHERE id = 1; END;
 ";
 
+/// Columns added to tables of earlier versions, in order: (table, column, declaration). A
+/// send record of an earlier version (a bare claim) reads as `sent`, which is what it meant.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("sends", "state", "TEXT NOT NULL DEFAULT 'sent'"),
+    ("sends", "owner", "TEXT"),
+    ("sends", "detail", "TEXT"),
+    ("sends", "attempts", "INTEGER NOT NULL DEFAULT 1"),
+    ("sends", "retry_at", "TEXT"),
+    ("sends", "updated_at", "TEXT"),
+    ("campaigns", "sending_version", "INTEGER NOT NULL DEFAULT 0"),
+    ("outbox", "mime", "TEXT"),
+    ("outbox", "message_id", "TEXT"),
+];
+
+/// Adds the columns of [`ADDED_COLUMNS`] that a table lacks.
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, declaration) in ADDED_COLUMNS {
+        let exists: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+            params![table, column],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Key records kept in memory at most (the cache is emptied when full).
 const KEY_CACHE_MAX: usize = 10_000;
 
-/// A job taken from the embedded queue, invisible to others until its lease ends.
-#[derive(Debug, Clone)]
-pub struct LeasedJob {
-    pub id: i64,
-    pub body: String,
-    /// How many times it has been handed out, this time included.
-    pub deliveries: u32,
-}
 
-/// An email the outbox mailer stored instead of sending.
+/// An email the outbox mailer stored instead of sending: the exact MIME message the SMTP and
+/// SES mailers would send, and what it was made from.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OutboxEntry {
     pub id: i64,
     pub queued_at: String,
+    /// The `Message-ID` header.
+    pub message_id: Option<String>,
+    /// Every header of the message, in order.
+    pub headers: Vec<(String, String)>,
     #[serde(flatten)]
     pub email: OutgoingEmail,
+    /// The message as an `.eml` file holds it (`cadenhq outbox show ID --raw`).
+    #[serde(skip)]
+    pub raw: Option<String>,
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn unix_ms(t: OffsetDateTime) -> i64 {
@@ -403,6 +437,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL").map_err(db_error)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db_error)?;
         conn.execute_batch(SCHEMA).map_err(db_error)?;
+        add_missing_columns(&conn).map_err(db_error)?;
         let reader = open_reader(&path)?;
         let pin = open_reader(&path)?;
         // A pin that cannot be had at once is skipped, never waited for: writes wait on it.
@@ -540,13 +575,23 @@ impl SqliteStore {
     /// [`StoreError`] on a database failure.
     pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn.prepare_cached("SELECT id, queued_at, doc FROM outbox ORDER BY id").map_err(db_error)?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?))).map_err(db_error)?;
-            rows.map(|row| {
-                let (id, queued_at, doc) = row.map_err(db_error)?;
-                Ok(OutboxEntry { id, queued_at, email: serde_json::from_str(&doc).map_err(json_error)? })
-            })
-            .collect()
+            let mut stmt =
+                conn.prepare_cached("SELECT id, queued_at, doc, mime, message_id FROM outbox ORDER BY id").map_err(db_error)?;
+            let rows = stmt.query_map([], read_outbox).map_err(db_error)?;
+            rows.map(|row| row.map_err(db_error)?).collect()
+        })
+    }
+
+    /// One email of the outbox.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub async fn outbox_entry(&self, id: i64) -> Result<Option<OutboxEntry>, StoreError> {
+        self.read(|conn| {
+            query_row(conn, "SELECT id, queued_at, doc, mime, message_id FROM outbox WHERE id = ?1", [id], read_outbox)
+                .optional()
+                .map_err(db_error)?
+                .transpose()
         })
     }
 
@@ -563,6 +608,55 @@ impl SqliteStore {
                 .collect()
         })
     }
+}
+
+/// How long a job taken from the embedded queue stays hidden while it is handled.
+const EMBEDDED_LEASE: time::Duration = time::Duration::minutes(2);
+// A job the embedded queue hands out again finds its claim past the claim lease.
+const _: () = assert!(EMBEDDED_LEASE.whole_seconds() > crate::scheduler::CLAIM_LEASE.whole_seconds());
+/// A job that failed on storage this many times is dead-lettered.
+const EMBEDDED_MAX_DELIVERIES: u32 = 10;
+/// Most jobs taken from the embedded queue in one pass.
+const DRAIN_BATCH: u32 = 100;
+
+/// One pass of the embedded scheduler over a queue it pulls from: handles every job that is
+/// due at the scheduler's `now` (up to a batch). Returns how many jobs it handled. `cadenhq
+/// serve` runs it every second; tests call it with an injected clock.
+///
+/// # Errors
+/// [`StoreError`] when the queue itself cannot be read or written.
+pub async fn drain_due_jobs(scheduler: &crate::scheduler::Scheduler, queue: &dyn PullQueue) -> Result<usize, StoreError> {
+    use crate::scheduler::JobError;
+    let now = scheduler.now();
+    let jobs = queue.lease_due(now, now + EMBEDDED_LEASE, DRAIN_BATCH).await?;
+    for job in &jobs {
+        match scheduler.process_message(&job.body).await {
+            Ok(_) => queue.ack(job.id).await?,
+            Err(e @ (JobError::Malformed(_) | JobError::Exhausted(_))) => {
+                tracing::warn!(job_id = job.id, error = %e, "campaign job dead-lettered");
+                queue.dead_letter(job.id, e.to_string()).await?;
+            }
+            Err(e) if job.deliveries >= EMBEDDED_MAX_DELIVERIES => {
+                tracing::warn!(job_id = job.id, error = %e, "campaign job kept failing; dead-lettered");
+                queue.dead_letter(job.id, e.to_string()).await?;
+            }
+            Err(e) => tracing::warn!(job_id = job.id, error = %e, "campaign job failed; it will be retried"),
+        }
+    }
+    Ok(jobs.len())
+}
+
+fn read_outbox(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<OutboxEntry, StoreError>> {
+    let (id, queued_at, doc, mime, message_id): (i64, String, String, Option<String>, Option<String>) =
+        (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?);
+    Ok(serde_json::from_str(&doc).map_err(json_error).map(|email| OutboxEntry {
+        id,
+        queued_at,
+        message_id,
+        headers: mime.as_deref().map(super::smtp::header_lines).unwrap_or_default(),
+        email,
+        raw: mime,
+    }))
 }
 
 fn read_prospect(row: &rusqlite::Row<'_>) -> rusqlite::Result<ProspectRecord> {
@@ -719,56 +813,170 @@ impl JobQueue for SqliteStore {
 }
 
 #[async_trait]
-impl SendLog for SqliteStore {
-    async fn claim_send(&self, enrollment: EnrollmentId, step: u32, now: OffsetDateTime) -> Result<Claim, StoreError> {
-        let (id, at) = (enrollment.to_string(), rfc3339(now));
-        self.write(move |conn| {
-            let inserted = execute(conn, "INSERT OR IGNORE INTO sends (enrollment_id, step, claimed_at) VALUES (?1, ?2, ?3)", params![id, step, at])
-                .map_err(db_error)?;
-            if inserted == 1 {
-                return Ok(Claim::Won);
-            }
-            let since = claim_time(conn, &id, step)?.ok_or_else(|| StoreError::other("a claim vanished while held"))?;
-            Ok(Claim::Held { since })
-        })
-        .await
+impl PullQueue for SqliteStore {
+    async fn lease_due(&self, now: OffsetDateTime, lease_until: OffsetDateTime, limit: u32) -> Result<Vec<LeasedJob>, StoreError> {
+        self.lease_due_jobs(now, lease_until, limit).await
     }
 
-    async fn release_send(&self, enrollment: EnrollmentId, step: u32) -> Result<(), StoreError> {
-        let id = enrollment.to_string();
-        self.write(move |conn| {
-            execute(conn, "DELETE FROM sends WHERE enrollment_id = ?1 AND step = ?2", params![id, step]).map(drop).map_err(db_error)
-        })
-        .await
+    async fn ack(&self, id: i64) -> Result<(), StoreError> {
+        self.ack_job(id).await
     }
 
-    async fn claimed_at(&self, enrollment: EnrollmentId, step: u32) -> Result<Option<OffsetDateTime>, StoreError> {
-        let id = enrollment.to_string();
-        self.read(|conn| claim_time(conn, &id, step))
+    async fn dead_letter(&self, id: i64, reason: String) -> Result<(), StoreError> {
+        self.dead_letter_job(id, reason).await
     }
 }
 
-/// When step `step` of enrollment `id` was claimed, if it is.
-fn claim_time(conn: &Connection, id: &str, step: u32) -> Result<Option<OffsetDateTime>, StoreError> {
-    let since: Option<String> =
-        query_row(conn, "SELECT claimed_at FROM sends WHERE enrollment_id = ?1 AND step = ?2", params![id, step], |r| r.get(0))
+/// The columns of `sends`, in the order [`read_send`] reads them.
+const SEND_COLUMNS: &str = "enrollment_id, step, state, owner, detail, attempts, retry_at, claimed_at, updated_at";
+
+fn read_send(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<SendRecord, StoreError>> {
+    let (enrollment, step): (String, u32) = (row.get(0)?, row.get(1)?);
+    let (state, owner, detail): (String, Option<String>, Option<String>) = (row.get(2)?, row.get(3)?, row.get(4)?);
+    let (attempts, retry_at, claimed_at, updated_at): (u32, Option<String>, String, Option<String>) =
+        (row.get(5)?, row.get(6)?, row.get(7)?, row.get(8)?);
+    Ok((|| {
+        let corrupt = |what: &str| StoreError::other(format!("stored send record has an invalid {what}"));
+        let retry_at = retry_at.as_deref().map(super::record::parse_rfc3339).transpose()?;
+        let claimed_at = super::record::parse_rfc3339(&claimed_at)?;
+        let state = SendState::from_parts(&state, owner.as_deref(), detail, attempts, retry_at).map_err(StoreError::other)?;
+        Ok(SendRecord {
+            key: SendKey { enrollment: crate::domain::EnrollmentId::parse(&enrollment).map_err(|_| corrupt("enrollment id"))?, step },
+            state,
+            // A record of an earlier version has no owner; no claim can match the nil one.
+            owner: owner.as_deref().map(ClaimOwner::parse).transpose().map_err(|_| corrupt("owner"))?.unwrap_or(ClaimOwner::NIL),
+            claimed_at,
+            updated_at: updated_at.as_deref().map(super::record::parse_rfc3339).transpose()?.unwrap_or(claimed_at),
+            attempts,
+        })
+    })())
+}
+
+fn find_send(conn: &Connection, key: SendKey) -> Result<Option<SendRecord>, StoreError> {
+    let sql = format!("SELECT {SEND_COLUMNS} FROM sends WHERE enrollment_id = ?1 AND step = ?2");
+    query_row(conn, &sql, params![key.enrollment.to_string(), key.step], read_send).optional().map_err(db_error)?.transpose()
+}
+
+/// The stored parts of a state: (name, detail, retry time).
+fn state_parts(state: &SendState) -> (&'static str, Option<String>, Option<String>) {
+    let retry_at = match state {
+        SendState::RetryScheduled { retry_at, .. } => Some(rfc3339(*retry_at)),
+        _ => None,
+    };
+    (state.name(), state.detail().map(str::to_owned), retry_at)
+}
+
+/// Moves the record claimed by `owner` to `state`, on `conn`; `false` if it is not that claim.
+fn record_send_on(conn: &Connection, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError> {
+    let (name, detail, retry_at) = state_parts(state);
+    let attempts_after = match state {
+        // A retry's attempt number is how many attempts were made before it.
+        SendState::RetryScheduled { attempt, .. } => Some(*attempt),
+        _ => None,
+    };
+    let changed = execute(
+        conn,
+        "UPDATE sends SET state = ?4, detail = ?5, retry_at = ?6, updated_at = ?7, attempts = COALESCE(?8, attempts)
+         WHERE enrollment_id = ?1 AND step = ?2 AND state = 'claimed' AND owner = ?3",
+        params![key.enrollment.to_string(), key.step, owner.to_string(), name, detail, retry_at, rfc3339(now), attempts_after],
+    )
+    .map_err(db_error)?;
+    Ok(changed == 1)
+}
+
+#[async_trait]
+impl SendLog for SqliteStore {
+    async fn claim_send(&self, claim: &ClaimRequest) -> Result<ClaimResult, StoreError> {
+        let claim = claim.clone();
+        // Checked and written on the write connection, in one transaction: no status change,
+        // pause or other claim can come in between.
+        self.write(move |conn| {
+            let active: Option<bool> = query_row(
+                conn,
+                "SELECT status = 'new' AND ended_through < ?4 FROM prospects WHERE account_id = ?1 AND email_hash = ?2 AND id = ?3",
+                params![claim.account.to_string(), claim.email_hash, claim.prospect.to_string(), claim.enrollment_seq],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(db_error)?;
-    since.as_deref().map(super::record::parse_rfc3339).transpose()
+            if active != Some(true) {
+                return Ok(ClaimResult::ProspectChanged);
+            }
+            let version: Option<i64> =
+                query_row(conn, "SELECT sending_version FROM campaigns WHERE id = ?1", [claim.campaign.to_string()], |r| r.get(0))
+                    .optional()
+                    .map_err(db_error)?;
+            if version.and_then(|v| u64::try_from(v).ok()) != Some(claim.campaign_version) {
+                return Ok(ClaimResult::CampaignChanged);
+            }
+            let existing = find_send(conn, claim.key)?;
+            let may_take = match &existing {
+                None => true,
+                Some(record) => match &record.state {
+                    SendState::Claimed { owner } => *owner == claim.owner || Some(*owner) == claim.retry_of,
+                    SendState::RetryScheduled { attempt, .. } => *attempt == claim.attempt,
+                    _ => false,
+                },
+            };
+            if let (false, Some(record)) = (may_take, existing) {
+                return Ok(ClaimResult::Taken(record));
+            }
+            let now = rfc3339(claim.now);
+            execute(
+                conn,
+                "INSERT INTO sends (enrollment_id, step, state, owner, detail, attempts, retry_at, claimed_at, updated_at)
+                 VALUES (?1, ?2, 'claimed', ?3, NULL, ?4, NULL, ?5, ?5)
+                 ON CONFLICT (enrollment_id, step) DO UPDATE SET state = 'claimed', owner = ?3, detail = NULL,
+                     attempts = ?4, retry_at = NULL, claimed_at = ?5, updated_at = ?5",
+                params![claim.key.enrollment.to_string(), claim.key.step, claim.owner.to_string(), claim.attempt + 1, now],
+            )
+            .map_err(db_error)?;
+            Ok(ClaimResult::Won)
+        })
+        .await
+    }
+
+    async fn record_send(&self, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError> {
+        let state = state.clone();
+        self.write(move |conn| record_send_on(conn, key, owner, &state, now)).await
+    }
+
+    async fn send_record(&self, key: SendKey) -> Result<Option<SendRecord>, StoreError> {
+        self.read(|conn| find_send(conn, key))
+    }
 }
 
 /// The outbox mailer: stores each email in the embedded store instead of sending it
-/// (`cadenhq outbox list` shows them). The default for `cadenhq serve`.
+/// (`cadenhq outbox list` shows them), as the exact MIME message the SMTP and SES mailers
+/// would send. The message and its send record (`sent`) are written in one transaction: a
+/// step is in the outbox exactly once, across crashes too. The default for `cadenhq serve`.
 #[async_trait]
 impl Mailer for SqliteStore {
-    async fn send(&self, email: &OutgoingEmail) -> Result<(), MailError> {
-        let doc = serde_json::to_string(email).map_err(|e| MailError::Transient(Box::new(e)))?;
+    async fn send(&self, email: &OutgoingEmail, claim: &SendClaim) -> Result<Delivered, MailError> {
+        let message = super::smtp::build_message(email)?;
+        let message_id = super::smtp::message_id(&message);
+        let mime = String::from_utf8_lossy(&message.formatted()).into_owned();
+        let doc = serde_json::to_string(email).map_err(|e| MailError::NotAccepted(Box::new(e)))?;
         let now = rfc3339(OffsetDateTime::now_utc());
+        let claim = *claim;
+        let sent = SendState::Sent { message_id: message_id.clone() };
+        let id = message_id.clone();
         self.write(move |conn| {
-            execute(conn, "INSERT INTO outbox (queued_at, doc) VALUES (?1, ?2)", params![now, doc]).map(drop).map_err(db_error)
+            execute(
+                conn,
+                "INSERT INTO outbox (queued_at, doc, mime, message_id) VALUES (?1, ?2, ?3, ?4)",
+                params![now, doc, mime, id],
+            )
+            .map_err(db_error)?;
+            if !record_send_on(conn, claim.key, claim.owner, &sent, claim.now)? {
+                // Rolls the email back with it: the claim is no longer this worker's.
+                return Err(StoreError::other("the send's claim is no longer held"));
+            }
+            Ok(())
         })
         .await
-        .map_err(|e| MailError::Transient(Box::new(e)))
+        .map_err(|e| MailError::NotAccepted(Box::new(e)))?;
+        Ok(Delivered { message_id, recorded: true })
     }
 }
 
@@ -946,12 +1154,12 @@ impl AdminStore for SqliteStore {
 
     async fn create_campaign(&self, campaign: &Campaign, make_default: bool) -> Result<(), StoreError> {
         let doc = serde_json::to_string(campaign).map_err(json_error)?;
-        let (id, account) = (campaign.id, campaign.account_id);
+        let (id, account, version) = (campaign.id, campaign.account_id, to_i64(campaign.sending_version));
         self.write(move |conn| {
             execute(
                 conn,
-                "INSERT INTO campaigns (id, account_id, doc) VALUES (?1, ?2, ?3)",
-                params![id.to_string(), account.to_string(), doc],
+                "INSERT INTO campaigns (id, account_id, doc, sending_version) VALUES (?1, ?2, ?3, ?4)",
+                params![id.to_string(), account.to_string(), doc, version],
             )
             .map_err(db_error)?;
             if make_default {
@@ -970,19 +1178,27 @@ impl AdminStore for SqliteStore {
         self.read(|conn| list_docs(conn, "SELECT doc FROM campaigns WHERE account_id = ?1 ORDER BY rowid", account.to_string()))
     }
 
-    async fn deactivate_campaign(&self, id: CampaignId) -> Result<bool, StoreError> {
+    async fn replace_campaign(&self, campaign: &Campaign, expected_version: u64) -> Result<bool, StoreError> {
+        let doc = serde_json::to_string(campaign).map_err(json_error)?;
+        let (id, account, active) = (campaign.id, campaign.account_id, campaign.active);
+        let (expected, version) = (to_i64(expected_version), to_i64(campaign.sending_version));
         self.write(move |conn| {
-            let Some(mut campaign) = get_doc::<Campaign>(conn, "SELECT doc FROM campaigns WHERE id = ?1", id.to_string())? else {
+            let changed = execute(
+                conn,
+                "UPDATE campaigns SET doc = ?2, sending_version = ?4 WHERE id = ?1 AND sending_version = ?3",
+                params![id.to_string(), doc, expected, version],
+            )
+            .map_err(db_error)?;
+            if changed == 0 {
                 return Ok(false);
-            };
-            campaign.active = false;
-            let doc = serde_json::to_string(&campaign).map_err(json_error)?;
-            execute(conn, "UPDATE campaigns SET doc = ?2 WHERE id = ?1", params![id.to_string(), doc]).map_err(db_error)?;
-            if let Some(mut acc) = get_doc::<Account>(conn, "SELECT doc FROM accounts WHERE id = ?1", campaign.account_id.to_string())? {
-                if acc.default_campaign_id == Some(id) {
-                    acc.default_campaign_id = None;
-                    let doc = serde_json::to_string(&acc).map_err(json_error)?;
-                    execute(conn, "UPDATE accounts SET doc = ?2 WHERE id = ?1", params![acc.id.to_string(), doc]).map_err(db_error)?;
+            }
+            if !active {
+                if let Some(mut acc) = get_doc::<Account>(conn, "SELECT doc FROM accounts WHERE id = ?1", account.to_string())? {
+                    if acc.default_campaign_id == Some(id) {
+                        acc.default_campaign_id = None;
+                        let doc = serde_json::to_string(&acc).map_err(json_error)?;
+                        execute(conn, "UPDATE accounts SET doc = ?2 WHERE id = ?1", params![acc.id.to_string(), doc]).map_err(db_error)?;
+                    }
                 }
             }
             Ok(true)

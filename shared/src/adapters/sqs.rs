@@ -1,41 +1,53 @@
-//! The AWS job queue: campaign jobs as JSON messages on an SQS queue.
+//! The AWS job queue: campaign jobs as JSON messages on an SQS queue, and the scheduler
+//! function's entry point that consumes them ([`handle_batch`]).
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use aws_sdk_sqs::Client;
 use time::OffsetDateTime;
+use tracing::warn;
 
 use super::dynamodb::sdk_error;
-use crate::domain::CampaignJob;
+use crate::domain::{CampaignJob, Clock, SystemClock};
 use crate::ports::{JobQueue, StoreError};
+use crate::scheduler::{parse_job, Handled, Scheduler};
 
 /// The longest delay SQS can give a message.
 pub const MAX_DELAY_SECONDS: i64 = 900;
 
 /// Publishes campaign jobs to one SQS queue.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SqsQueue {
     client: Client,
     queue_url: String,
-    max_delay_seconds: i64,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for SqsQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqsQueue").field("queue_url", &self.queue_url).finish_non_exhaustive()
+    }
 }
 
 impl SqsQueue {
     #[must_use]
     pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
-        Self { client, queue_url: queue_url.into(), max_delay_seconds: MAX_DELAY_SECONDS }
+        Self { client, queue_url: queue_url.into(), clock: Arc::new(SystemClock) }
     }
 
-    /// Caps message delays lower than SQS does. Tests that drive the scheduler with an
-    /// injected clock use 0, so re-queued jobs come straight back and the clock decides.
+    /// Computes delays from `clock` (the scheduler's), not the wall clock.
     #[must_use]
-    pub fn with_max_delay_seconds(mut self, seconds: i64) -> Self {
-        self.max_delay_seconds = seconds.clamp(0, MAX_DELAY_SECONDS);
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
+    /// The message delay that makes a job visible at `visible_at`, capped at what SQS allows.
     fn delay_seconds(&self, visible_at: OffsetDateTime) -> i32 {
-        let delay = (visible_at - OffsetDateTime::now_utc()).whole_seconds().clamp(0, self.max_delay_seconds);
+        let delay = (visible_at - self.clock.now()).whole_seconds().clamp(0, MAX_DELAY_SECONDS);
         i32::try_from(delay).unwrap_or(0)
     }
 
@@ -105,4 +117,51 @@ impl JobQueue for SqsQueue {
         }
         results
     }
+}
+
+/// The SQS entry point of the scheduler function: each message is parsed and handled on its
+/// own, and only the ids of those that failed are returned (`ReportBatchItemFailures`), so one
+/// bad message never fails the batch; SQS redelivers the failed ones and, past the queue's
+/// `maxReceiveCount`, moves them to the dead-letter queue.
+///
+/// The jobs the batch hands back to the queue (re-queued early jobs, retries, next steps) are
+/// published together at the end, in as few calls as the queue allows (one `SendMessageBatch`
+/// per 10); a message whose follow-up job was not taken is reported failed, so SQS delivers it
+/// again and its send record decides what happens then.
+pub async fn handle_batch(scheduler: &Scheduler, event: SqsEvent) -> SqsBatchResponse {
+    let mut failed = Vec::new();
+    let mut follow_ups = Vec::new();
+    for record in event.records {
+        let id = record.message_id.unwrap_or_default();
+        let body = record.body.as_deref().unwrap_or_default();
+        let handled = match parse_job(body) {
+            Ok(job) => scheduler.handle(&job).await,
+            Err(e) => Err(e),
+        };
+        match handled {
+            Ok(Handled { publish: Some(follow_up), .. }) => follow_ups.push((id, follow_up)),
+            Ok(Handled { publish: None, .. }) => {}
+            Err(e) => {
+                warn!(message_id = %id, error = %e, "campaign job failed");
+                failed.push(id);
+            }
+        }
+    }
+    if !follow_ups.is_empty() {
+        let (ids, jobs): (Vec<String>, Vec<(CampaignJob, OffsetDateTime)>) = follow_ups.into_iter().unzip();
+        let results = scheduler.queue().publish_batch(&jobs).await;
+        for (id, result) in ids.into_iter().zip(results) {
+            if let Err(e) = result {
+                warn!(message_id = %id, error = %e, "campaign job's follow-up was not queued");
+                failed.push(id);
+            }
+        }
+    }
+    let mut response = SqsBatchResponse::default();
+    for id in failed {
+        let mut failure = BatchItemFailure::default();
+        failure.item_identifier = id;
+        response.batch_item_failures.push(failure);
+    }
+    response
 }

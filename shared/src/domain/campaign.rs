@@ -151,12 +151,122 @@ pub struct Campaign {
     pub steps: Vec<Step>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// Every pause, oldest first; the last one is open while the campaign is paused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pauses: Vec<Pause>,
+    /// Bumped by every pause, resume and deactivation: a send is claimed only at the version
+    /// the scheduler read, so none slips out after such a change is acknowledged.
+    #[serde(default)]
+    pub sending_version: u64,
+}
+
+/// One pause of a campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pause {
+    #[serde(with = "time::serde::rfc3339")]
+    pub from: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    pub until: Option<OffsetDateTime>,
+}
+
+/// Where a campaign stands for sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CampaignState {
+    /// Sends every due step and takes new enrollments.
+    Active,
+    /// Sends nothing until resumed; takes new enrollments, whose steps wait too.
+    Paused,
+    /// Deactivated: ends every running enrollment and takes no new ones.
+    Inactive,
+}
+
+impl CampaignState {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Paused => "paused",
+            Self::Inactive => "inactive",
+        }
+    }
+}
+
+/// A change of a campaign's sending state (`cadenhq campaigns pause|resume|deactivate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendingChange {
+    Pause,
+    Resume,
+    Deactivate,
 }
 
 impl Campaign {
     #[must_use]
     pub fn new(account_id: AccountId, def: CampaignDefinition, now: OffsetDateTime) -> Self {
-        Self { id: CampaignId::new(), account_id, name: def.name, active: true, steps: def.steps, created_at: now }
+        Self {
+            id: CampaignId::new(),
+            account_id,
+            name: def.name,
+            active: true,
+            steps: def.steps,
+            created_at: now,
+            pauses: Vec::new(),
+            sending_version: 0,
+        }
+    }
+
+    /// Whether the campaign sends, is paused, or was deactivated.
+    #[must_use]
+    pub fn state(&self) -> CampaignState {
+        if !self.active {
+            CampaignState::Inactive
+        } else if self.pauses.last().is_some_and(|p| p.until.is_none()) {
+            CampaignState::Paused
+        } else {
+            CampaignState::Active
+        }
+    }
+
+    /// Applies a sending change at `now`, bumping [`Self::sending_version`].
+    ///
+    /// # Errors
+    /// [`CampaignError::Invalid`] when the change does not apply (pausing a paused campaign,
+    /// resuming one that is not paused, changing a deactivated one).
+    pub fn apply(&mut self, change: SendingChange, now: OffsetDateTime) -> Result<(), CampaignError> {
+        match (change, self.state()) {
+            (_, CampaignState::Inactive) => return Err(CampaignError::Invalid("is deactivated".into())),
+            (SendingChange::Pause, CampaignState::Paused) => return Err(CampaignError::Invalid("is already paused".into())),
+            (SendingChange::Resume, CampaignState::Active) => return Err(CampaignError::Invalid("is not paused".into())),
+            (SendingChange::Pause, CampaignState::Active) => self.pauses.push(Pause { from: now, until: None }),
+            (SendingChange::Resume, CampaignState::Paused) => {
+                if let Some(open) = self.pauses.last_mut() {
+                    open.until = Some(now.max(open.from));
+                }
+            }
+            (SendingChange::Deactivate, _) => {
+                if let Some(open) = self.pauses.last_mut().filter(|p| p.until.is_none()) {
+                    open.until = Some(now.max(open.from));
+                }
+                self.active = false;
+            }
+        }
+        self.sending_version += 1;
+        Ok(())
+    }
+
+    /// When step `step` of an enrollment made at `enrolled_at` is due, counting pauses: a
+    /// step that was not yet due when a pause began is due the time it had left after the
+    /// pause ended (a step overdue at the pause stays due, so it goes at once on resume).
+    /// `None` past the last step, and while the campaign is paused.
+    #[must_use]
+    pub fn due_with_pauses(&self, enrolled_at: OffsetDateTime, step: u32) -> Option<OffsetDateTime> {
+        let mut due = self.due_at(enrolled_at, step)?;
+        for pause in &self.pauses {
+            let Some(until) = pause.until else { return None };
+            if due > pause.from {
+                due += until - pause.from;
+            }
+        }
+        Some(due)
     }
 
     /// When step `step` of an enrollment made at `enrolled_at` is due: after the delays of

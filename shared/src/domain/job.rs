@@ -4,7 +4,7 @@
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::{AccountId, CampaignId, EnrollmentId, ProspectId};
+use super::{AccountId, CampaignId, ClaimOwner, EnrollmentId, ProspectId};
 
 /// "Send step `step` of enrollment `enrollment_id` when it is due."
 ///
@@ -33,6 +33,10 @@ pub struct CampaignJob {
     /// it) or the end of a retry's backoff. An earlier delivery is re-queued unread.
     #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
     pub not_before: Option<OffsetDateTime>,
+    /// On a retry: the claim whose attempt the provider proved it did not take. The retry may
+    /// take over that claim even if recording the retry failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<ClaimOwner>,
 }
 
 impl CampaignJob {
@@ -74,6 +78,11 @@ impl CampaignJob {
             out.extend_from_slice(b",\"not_before\":");
             write_time(&mut out, not_before);
         }
+        if let Some(owner) = self.retry_of {
+            out.extend_from_slice(b",\"retry_of\":\"");
+            out.extend_from_slice(owner.to_string().as_bytes());
+            out.push(b'"');
+        }
         out.push(b'}');
         String::from_utf8(out).expect("JSON is UTF-8")
     }
@@ -105,6 +114,7 @@ mod tests {
             email_hash in prop_oneof![any::<String>(), "[0-9a-f]{64}"],
             unix_nanos in 0_i128..253_402_300_799_000_000_000,
             not_before_nanos in proptest::option::of(0_i64..i64::MAX),
+            retried: bool,
         ) {
             let published_at = OffsetDateTime::from_unix_timestamp_nanos(unix_nanos).unwrap();
             let job = CampaignJob {
@@ -117,6 +127,7 @@ mod tests {
                 published_at,
                 attempt,
                 not_before: not_before_nanos.map(|n| OffsetDateTime::UNIX_EPOCH + Duration::nanoseconds(n)),
+                retry_of: retried.then(ClaimOwner::new),
             };
             let json = job.to_json();
             prop_assert_eq!(&json, &serde_json::to_string(&job).unwrap());

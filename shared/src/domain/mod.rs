@@ -9,9 +9,11 @@ mod job;
 mod key;
 mod prospect;
 mod rate_limit;
+mod send;
 mod unsubscribe;
 
-pub use campaign::{Campaign, CampaignDefinition, CampaignError, RenderedEmail, Step};
+pub use campaign::{Campaign, CampaignDefinition, CampaignError, CampaignState, Pause, RenderedEmail, SendingChange, Step};
+pub use send::{ClaimOwner, SendKey, SendRecord, SendState};
 pub use unsubscribe::{InvalidToken, UnsubscribeSecret, WeakSecret};
 pub use email::{EmailError, NormalizedEmail};
 pub use ids::{AccountId, CampaignId, EnrollmentId, IdError, KeyId, ProspectId};
@@ -24,7 +26,7 @@ pub use rate_limit::{ceil_seconds, gcra, gcra_take, lease_size, RateDecision, Ra
 pub use key::{ApiKey, ApiKeyRecord, KeyHash};
 pub use prospect::{
     Enrollment, ExternalId, FieldChange, FieldError, Prospect, ProspectChanges, ProspectStatus,
-    StatusError, TextFields, TEXT_FIELDS, METADATA_MAX_BYTES, TEXT_FIELD_MAX_CHARS, text_field_index,
+    StatusError, StatusReason, TextFields, TEXT_FIELDS, METADATA_MAX_BYTES, TEXT_FIELD_MAX_CHARS, text_field_index,
 };
 
 /// Lowercase hex of `bytes`. (`hex::encode` collects one `char` at a time, which showed in

@@ -87,6 +87,28 @@ impl ProspectStatus {
     }
 }
 
+/// What set a prospect's status: every status change names its cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatusReason {
+    /// A PATCH through the API.
+    Api,
+    /// The prospect's one-click unsubscribe link.
+    UnsubscribeLink,
+    /// The mail provider refused the address when a campaign email was sent.
+    Rejected,
+}
+
+impl StatusReason {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::UnsubscribeLink => "unsubscribe_link",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
 /// The client's own identifier for a prospect: 1 to 255 characters, unique per account.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]

@@ -24,7 +24,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 pub use error::{ApiError, UNAUTHORIZED_MESSAGE};
 use idempotency::Idempotency;
 
-use crate::domain::{ExternalId, ProspectId, ProspectStatus};
+use crate::domain::{ExternalId, ProspectId, ProspectStatus, StatusReason};
 use crate::ports::ProspectRef;
 use crate::service::{Caller, ProspectService};
 
@@ -212,7 +212,7 @@ async fn set_status(
     idempotency::run(service, caller, idempotency, "PATCH", path, &body, || async {
         let status = request::parse_status(&body)?;
         let prospect = prospect.ok_or(ApiError::ProspectNotFound)?;
-        let updated = service.set_status(caller.account, &prospect, status).await?;
+        let updated = service.set_status(caller.account, &prospect, status, StatusReason::Api).await?;
         Ok(json_response(StatusCode::OK, status_set_body(updated.id, updated.status)))
     })
     .await
