@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use shared::admin::{self, AdminError};
 use shared::backend::Backend;
 use shared::config::{aws_sdk_config, ConfigError, TableConfig, QUEUE_URL};
-use shared::domain::{RateLimit, ApiKeyRecord, Campaign, CampaignDefinition, ExternalId, NormalizedEmail, Prospect, SystemClock};
+use shared::domain::{RateLimit, SendingChange, ApiKeyRecord, Campaign, CampaignDefinition, ExternalId, NormalizedEmail, Prospect, SystemClock};
 use shared::ports::{ProspectRef, StoreError};
 
 use crate::args::{AccountsCommand, BackendKind, CampaignsCommand, Cli, Command, KeysCommand, OutboxCommand, ProspectsCommand};
@@ -66,6 +66,23 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
     match cli.command {
         Command::Invoke(_) => unreachable!("handled before a backend is opened"),
         Command::Serve { addr, public_url } => serve(backend, &cli.data_dir, addr, public_url).await?,
+        Command::Outbox(OutboxCommand::Show { id, raw }) => {
+            let BackendKind::Embedded = cli.backend else {
+                return Err(AppError::Usage("the outbox belongs to the embedded store; on AWS, emails go through SES".into()));
+            };
+            let entry = shared::adapters::sqlite::SqliteStore::open(&cli.data_dir)?
+                .outbox_entry(id)
+                .await?
+                .ok_or_else(|| AppError::Usage(format!("no email #{id} in the outbox")))?;
+            if raw {
+                let mime = entry.raw.as_deref().ok_or_else(|| AppError::Usage(format!("email #{id} was stored before messages were kept whole")))?;
+                print!("{mime}");
+            } else {
+                let headers = entry.headers.iter().map(|(n, v)| format!("{n}: {v}")).collect::<Vec<_>>().join("\n");
+                let text = format!("{headers}\n\n{}", entry.email.text_body);
+                emit(j, &json!(entry), &text);
+            }
+        }
         Command::Outbox(OutboxCommand::List) => {
             let BackendKind::Embedded = cli.backend else {
                 return Err(AppError::Usage("the outbox belongs to the embedded store; on AWS, emails go through SES".into()));
@@ -127,17 +144,23 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             let campaigns = store.list_campaigns(account).await?;
             let text = campaigns
                 .iter()
-                .map(|c| format!("{}  {}  {} steps  {}{}", c.id, if c.active { "active  " } else { "inactive" }, c.steps.len(), c.name, if Some(c.id) == default { "  (default)" } else { "" }))
+                .map(|c| format!("{}  {}  {} steps  {}{}", c.id, format!("{:<8}", c.state().as_str()), c.steps.len(), c.name, if Some(c.id) == default { "  (default)" } else { "" }))
                 .collect::<Vec<_>>()
                 .join("\n");
             let list: Vec<Value> = campaigns.iter().map(|c| campaign_json(c, Some(c.id) == default)).collect();
             emit(j, &json!({ "account_id": account, "campaigns": list }), if campaigns.is_empty() { "No campaigns." } else { &text });
         }
         Command::Campaigns(CampaignsCommand::Deactivate { id }) => {
-            if !store.deactivate_campaign(id).await? {
-                return Err(AppError::Usage(format!("no campaign {id}")));
-            }
-            emit(j, &json!({ "campaign_id": id, "active": false }), &format!("Deactivated campaign {id}"));
+            let campaign = admin::change_campaign_sending(store, id, SendingChange::Deactivate, &clock).await?;
+            emit(j, &campaign_json(&campaign, false), &format!("Deactivated campaign {id}: its enrollments end"));
+        }
+        Command::Campaigns(CampaignsCommand::Pause { id }) => {
+            let campaign = admin::change_campaign_sending(store, id, SendingChange::Pause, &clock).await?;
+            emit(j, &campaign_json(&campaign, false), &format!("Paused campaign {id}: nothing is sent until it is resumed"));
+        }
+        Command::Campaigns(CampaignsCommand::Resume { id }) => {
+            let campaign = admin::change_campaign_sending(store, id, SendingChange::Resume, &clock).await?;
+            emit(j, &campaign_json(&campaign, false), &format!("Resumed campaign {id}: each enrollment continues from its next step"));
         }
         Command::Prospects(ProspectsCommand::Show { account, by }) => {
             let reference = if let Some(id) = by.id {
@@ -180,7 +203,7 @@ fn key_line(k: &ApiKeyRecord) -> String {
 
 fn campaign_json(c: &Campaign, is_default: bool) -> Value {
     json!({
-        "campaign_id": c.id, "account_id": c.account_id, "name": c.name, "active": c.active,
+        "campaign_id": c.id, "account_id": c.account_id, "name": c.name, "active": c.active, "state": c.state().as_str(),
         "default": is_default, "steps": c.steps, "created_at": rfc3339(c.created_at),
     })
 }

@@ -94,8 +94,16 @@ fn parse_env(raw: &str) -> Result<(String, String), String> {
 
 #[derive(Debug, Subcommand)]
 pub enum OutboxCommand {
-    /// List the stored emails, oldest first.
+    /// List the stored emails, oldest first (with `--json`: every header too).
     List,
+    /// Show one stored email: its headers and parts, or with `--raw` the exact MIME message
+    /// (an `.eml` file).
+    Show {
+        id: i64,
+        /// Print the message exactly as the SMTP and SES mailers would send it.
+        #[arg(long)]
+        raw: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,8 +164,13 @@ pub enum CampaignsCommand {
         #[arg(long)]
         account: AccountId,
     },
-    /// Deactivate a campaign: no new enrollments.
+    /// Deactivate a campaign: ends its running enrollments and takes no new ones.
     Deactivate { id: CampaignId },
+    /// Pause a campaign: none of its enrollments sends until it is resumed.
+    Pause { id: CampaignId },
+    /// Resume a paused campaign: each enrollment continues from its next step, due no earlier
+    /// than now plus the time it had left when paused.
+    Resume { id: CampaignId },
 }
 
 #[derive(Debug, Subcommand)]

@@ -13,8 +13,11 @@
 //! random owner; only that owner records the outcome. What a redelivered or duplicate job
 //! finds decides what it does, never a guess:
 //!
-//! - `sent`, `unknown`, `skipped`: the step is over; it makes sure the next step is queued (a
-//!   duplicate next-step job finds that step's record in turn).
+//! - `sent`, `unknown`, `skipped`: the step is over. Within [`CLAIM_LEASE`] of that outcome,
+//!   the job is a duplicate delivered alongside the claimant, which queued the next step: it
+//!   does nothing. Later, it is a redelivery after the claimant failed to queue the next step
+//!   (the queue redelivers only after longer than the lease): it queues it (a duplicate
+//!   next-step job finds that step's record in turn).
 //! - `rejected`: it makes sure the prospect is bounced.
 //! - `retry_scheduled`: the retry job takes it; the job whose attempt failed re-publishes that
 //!   retry, in case publishing it was what failed.
@@ -317,6 +320,11 @@ impl Scheduler {
     /// What a job does with a step someone else claimed or finished: see the module docs.
     async fn resume(&self, cx: &Context<'_>, record: SendRecord) -> Result<Handled, JobError> {
         match &record.state {
+            // Its claimant published the next step a moment ago: a duplicate delivered alongside
+            // does nothing. Later, a delivery is one whose publish failed: it ensures the next.
+            SendState::Sent { .. } | SendState::Unknown { .. } | SendState::Skipped { .. } if cx.now - record.updated_at < CLAIM_LEASE => {
+                Ok(Handled::done(Outcome::Dropped("step already handled")))
+            }
             SendState::Sent { .. } | SendState::Unknown { .. } | SendState::Skipped { .. } => {
                 Ok(cx.advance(Outcome::Dropped("step already handled; next step ensured")))
             }

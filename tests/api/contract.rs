@@ -135,7 +135,7 @@ async fn campaign_id_must_name_an_active_campaign_of_the_account(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     let other = app.create_campaign("Webinar").await;
     let retired = app.create_campaign("Retired").await;
-    app.backend.admin.deactivate_campaign(retired.id).await.unwrap();
+    shared::admin::change_campaign_sending(app.backend.admin.as_ref(), retired.id, shared::domain::SendingChange::Deactivate, &shared::domain::SystemClock).await.unwrap();
     let (other_account, other_key) = app.other_account().await;
     let foreign = shared::admin::create_campaign(
         app.backend.admin.as_ref(),

@@ -12,7 +12,8 @@ use shared::backend::Backend;
 use shared::domain::{ApiKey, ApiKeyRecord, CampaignDefinition, SystemClock};
 use aws_lambda_events::event::sqs::SqsEvent;
 use shared::http::{router, Routes};
-use shared::scheduler::{handle_sqs_batch, DeliverySettings, Scheduler};
+use shared::adapters::sqs::handle_batch;
+use shared::scheduler::{DeliverySettings, Scheduler};
 use tower::ServiceExt;
 
 use crate::helpers::{test_secret, RecordingMailer};
@@ -124,7 +125,7 @@ async fn sqs_events_report_exactly_their_bad_messages_from_the_scheduler_handler
         let raw = std::fs::read_to_string(events_dir().join(format!("{name}.json"))).unwrap();
         let event: SqsEvent = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{name}: {e}"));
 
-        let response = handle_sqs_batch(&scheduler, event).await;
+        let response = handle_batch(&scheduler, event).await;
 
         let failed: Vec<&str> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
         assert_eq!(failed, bad_ids, "{name}");

@@ -3,26 +3,39 @@
 //! SQS (a fresh table and queue in the emulator that the test command starts). Every test gets
 //! its own store, account and key.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use aws_sdk_sqs::config::interceptors::BeforeSerializationInterceptorContextMut;
+use aws_sdk_sqs::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_sqs::error::BoxError;
+use aws_sdk_sqs::operation::send_message::SendMessageInput;
+use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchInput;
+use aws_sdk_sqs::types::MessageAttributeValue;
+use futures::future::BoxFuture;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
     ProjectionType, ScalarAttributeType,
 };
 use serde_json::Value;
 use shared::adapters::dynamodb::GSI1;
-use shared::adapters::sqlite::SqliteStore;
+use shared::adapters::sqlite::{drain_due_jobs, SqliteStore};
+use shared::adapters::sqs::handle_batch;
 use shared::admin;
 use shared::backend::Backend;
 use shared::adapters::sqs::SqsQueue;
 use shared::domain::{
-    AccountId, Campaign, CampaignDefinition, CampaignJob, Clock, KeyId, RateLimit, SystemClock, UnsubscribeSecret,
+    AccountId, Campaign, CampaignDefinition, CampaignJob, ClaimOwner, Clock, KeyId, NormalizedEmail, Prospect, ProspectStatus,
+    RateLimit, SendKey, SendRecord, SendState, SystemClock, UnsubscribeSecret,
 };
 use shared::http::{router, Routes, KEY_HEADER};
-use shared::ports::{JobQueue, MailError, Mailer, OutgoingEmail, ProspectRef, StoreError};
-use shared::scheduler::{drain_embedded, handle_sqs_batch, DeliverySettings, Scheduler};
+use shared::ports::{
+    ClaimRequest, ClaimResult, Delivered, JobQueue, MailError, Mailer, OutgoingEmail, ProspectRef, ProspectRepository,
+    Replacing, SendClaim, SendLog, StoreError, UpsertContext,
+};
+use shared::scheduler::{DeliverySettings, Scheduler};
 use time::{Duration, OffsetDateTime};
 
 /// Which backend a contract test runs against.
@@ -87,8 +100,12 @@ impl Clock for ManualClock {
 /// What the recording mailer does with the next emails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MailFault {
-    Transient,
+    /// The provider proves it did not take the email (throttled, say).
+    NotAccepted,
+    /// The provider refuses the recipient for good.
     Reject,
+    /// The provider took the email, but its answer never arrived (a timeout after the request).
+    TookItButTimedOut,
 }
 
 /// A mailer that keeps what it is given, and can be told to fail.
@@ -106,21 +123,187 @@ impl RecordingMailer {
     pub fn sent(&self) -> Vec<OutgoingEmail> {
         self.sent.lock().unwrap().clone()
     }
+
+    pub fn subjects(&self) -> Vec<String> {
+        self.sent().into_iter().map(|e| e.subject).collect()
+    }
 }
 
 #[async_trait]
 impl Mailer for RecordingMailer {
-    async fn send(&self, email: &OutgoingEmail) -> Result<(), MailError> {
+    async fn send(&self, email: &OutgoingEmail, _claim: &SendClaim) -> Result<Delivered, MailError> {
         let fault = self.faults.lock().unwrap().pop();
         match fault {
-            Some(MailFault::Transient) => Err(MailError::Transient("injected provider failure".into())),
+            Some(MailFault::NotAccepted) => Err(MailError::NotAccepted("injected: the provider is throttling".into())),
             Some(MailFault::Reject) => Err(MailError::Rejected("injected: mailbox does not exist".into())),
+            Some(MailFault::TookItButTimedOut) => {
+                self.sent.lock().unwrap().push(email.clone());
+                Err(MailError::Unknown("injected: the answer timed out".into()))
+            }
             None => {
                 self.sent.lock().unwrap().push(email.clone());
-                Ok(())
+                Ok(Delivered { message_id: format!("test-{}", uuid::Uuid::new_v4().simple()), recorded: false })
             }
         }
     }
+}
+
+/// A send log in front of the backend's own that can lose answers, fail writes, or run
+/// something (a PATCH, say) just before the next claim, to inject faults.
+pub struct FaultySendLog {
+    inner: Arc<dyn SendLog>,
+    lose_next_claim_answer: AtomicBool,
+    crash_after_next_claim: AtomicBool,
+    failing_records: AtomicUsize,
+    before_next_claim: Mutex<Option<BoxFuture<'static, ()>>>,
+}
+
+impl FaultySendLog {
+    /// The next claim is written, its answer lost, and the write retried (as the SDK does).
+    pub fn lose_next_claim_answer(&self) {
+        self.lose_next_claim_answer.store(true, Ordering::SeqCst);
+    }
+
+    /// The next claim is written, then its worker stops (the job fails before sending).
+    pub fn crash_after_next_claim(&self) {
+        self.crash_after_next_claim.store(true, Ordering::SeqCst);
+    }
+
+    /// The next `n` outcome writes fail as if the store were unreachable.
+    pub fn fail_next_records(&self, n: usize) {
+        self.failing_records.store(n, Ordering::SeqCst);
+    }
+
+    /// Runs `f` between the scheduler's read of the prospect and its claim.
+    pub fn before_next_claim(&self, f: BoxFuture<'static, ()>) {
+        *self.before_next_claim.lock().unwrap() = Some(f);
+    }
+}
+
+#[async_trait]
+impl SendLog for FaultySendLog {
+    async fn claim_send(&self, claim: &ClaimRequest) -> Result<ClaimResult, StoreError> {
+        let hook = self.before_next_claim.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook.await;
+        }
+        if self.lose_next_claim_answer.swap(false, Ordering::SeqCst) {
+            let lost = self.inner.claim_send(claim).await?;
+            assert_eq!(lost, ClaimResult::Won, "the first write of the claim took it");
+        }
+        let result = self.inner.claim_send(claim).await?;
+        if self.crash_after_next_claim.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected: the worker stopped after claiming".into()));
+        }
+        Ok(result)
+    }
+
+    async fn record_send(&self, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError> {
+        if self.failing_records.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(StoreError::Unavailable("injected send-log failure".into()));
+        }
+        self.inner.record_send(key, owner, state, now).await
+    }
+
+    async fn send_record(&self, key: SendKey) -> Result<Option<SendRecord>, StoreError> {
+        self.inner.send_record(key).await
+    }
+}
+
+/// A prospect repository in front of the backend's own whose status writes can be told to fail.
+pub struct FaultyRepo {
+    inner: Arc<dyn ProspectRepository>,
+    failing_status_writes: AtomicUsize,
+}
+
+impl FaultyRepo {
+    /// The next `n` status changes fail as if the store were unreachable.
+    pub fn fail_next_status_writes(&self, n: usize) {
+        self.failing_status_writes.store(n, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl ProspectRepository for FaultyRepo {
+    async fn upsert_context(&self, account: AccountId, email: &NormalizedEmail, campaign: Option<shared::domain::CampaignId>) -> Result<UpsertContext, StoreError> {
+        self.inner.upsert_context(account, email, campaign).await
+    }
+
+    async fn insert(&self, prospect: Prospect) -> Result<(), StoreError> {
+        self.inner.insert(prospect).await
+    }
+
+    async fn update(&self, previous: Replacing, updated: Prospect) -> Result<(), StoreError> {
+        self.inner.update(previous, updated).await
+    }
+
+    async fn set_status(&self, account: AccountId, prospect: &ProspectRef, status: ProspectStatus, now: OffsetDateTime) -> Result<Option<Prospect>, StoreError> {
+        if self.failing_status_writes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(StoreError::Unavailable("injected status-write failure".into()));
+        }
+        self.inner.set_status(account, prospect, status, now).await
+    }
+
+    async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
+        self.inner.find(account, prospect).await
+    }
+}
+
+/// The message attribute in which [`ModelSqsDelays`] keeps when a message becomes visible.
+const VISIBLE_AT: &str = "test-visible-at";
+
+/// Plays SQS's message delays on the test's clock: the queue adapter computes each delay as
+/// it would for SQS (from the injected clock, capped at SQS's 15 minutes); this interceptor
+/// moves that delay into a message attribute (the visible time on the test clock) and sends
+/// the message undelayed, and the test's queue driver holds it back until the clock gets there.
+pub struct ModelSqsDelays(pub Arc<dyn Clock>);
+
+impl ModelSqsDelays {
+    fn attribute(&self, delay: Option<i32>) -> MessageAttributeValue {
+        let at = self.0.now().unix_timestamp() + i64::from(delay.unwrap_or(0));
+        MessageAttributeValue::builder().data_type("Number").string_value(at.to_string()).build().expect("attribute")
+    }
+}
+
+impl std::fmt::Debug for ModelSqsDelays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ModelSqsDelays")
+    }
+}
+
+impl Intercept for ModelSqsDelays {
+    fn name(&self) -> &'static str {
+        "ModelSqsDelays"
+    }
+
+    fn modify_before_serialization(
+        &self,
+        context: &mut BeforeSerializationInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let input = context.input_mut();
+        if let Some(send) = input.downcast_mut::<SendMessageInput>() {
+            assert!(send.delay_seconds.unwrap_or(0) <= 900, "SQS caps delays at 15 minutes");
+            let attribute = self.attribute(send.delay_seconds.take());
+            send.message_attributes.get_or_insert_with(HashMap::new).insert(VISIBLE_AT.into(), attribute);
+        } else if let Some(batch) = input.downcast_mut::<SendMessageBatchInput>() {
+            for entry in batch.entries.iter_mut().flatten() {
+                assert!(entry.delay_seconds.unwrap_or(0) <= 900, "SQS caps delays at 15 minutes");
+                let attribute = self.attribute(entry.delay_seconds.take());
+                entry.message_attributes.get_or_insert_with(HashMap::new).insert(VISIBLE_AT.into(), attribute);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A message taken off the emulator's queue, waiting in the test's driver until it is visible.
+#[derive(Debug, Clone)]
+struct Pending {
+    visible_at: i64,
+    id: String,
+    body: String,
 }
 
 /// The secret unsubscribe links of test apps are signed with.
@@ -145,11 +328,17 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub backend: Backend,
     pub queue: Arc<FaultyQueue>,
+    pub sends: Arc<FaultySendLog>,
+    pub repo: Arc<FaultyRepo>,
     pub account: AccountId,
     pub key: String,
     pub campaign: Campaign,
+    /// How many times the queue handed out a job, per step (0-based), since the app started.
+    pub deliveries: Mutex<HashMap<u32, usize>>,
     embedded: Option<SqliteStore>,
     aws: Option<AwsResources>,
+    /// AWS: messages taken off the emulator's queue that are not visible yet on the test clock.
+    pending: Mutex<Vec<Pending>>,
     _dir: tempfile::TempDir,
 }
 
@@ -232,6 +421,7 @@ impl TestApp {
     /// Spawns the app on `kind` with an account, its key and a default 3-step campaign.
     pub async fn spawn(kind: Kind) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let clock = Arc::new(ManualClock(Mutex::new(OffsetDateTime::now_utc())));
         let (base_backend, embedded, aws) = match kind {
             Kind::Embedded => {
                 let store = SqliteStore::open(dir.path()).expect("open store");
@@ -243,14 +433,30 @@ impl TestApp {
                 create_table(&sdk, &table).await;
                 let sqs = aws_sdk_sqs::Client::new(&sdk);
                 let queue_url = sqs.create_queue().queue_name(unique("jobs")).send().await.expect("create queue").queue_url.unwrap();
-                // Delays come from the injected clock: re-queued jobs come straight back.
-                let queue = SqsQueue::new(sqs.clone(), &queue_url).with_max_delay_seconds(0);
+                // Delays as SQS would give them, on the test's clock (see ModelSqsDelays).
+                let publishing = aws_sdk_sqs::Client::from_conf(
+                    aws_sdk_sqs::config::Builder::from(&sdk).interceptor(ModelSqsDelays(clock.clone())).build(),
+                );
+                let queue = SqsQueue::new(publishing, &queue_url).with_clock(clock.clone());
                 let backend = Backend { queue: Some(Arc::new(queue)), ..Backend::aws(&sdk, &table, None) };
                 (backend, None, Some(AwsResources { sqs, queue_url, sdk, table }))
             }
         };
         let queue = Arc::new(FaultyQueue { inner: base_backend.queue.clone().expect("backend has a queue"), failures_left: AtomicUsize::new(0), delay_ms: AtomicUsize::new(0) });
-        let backend = Backend { queue: Some(queue.clone() as Arc<dyn JobQueue>), ..base_backend };
+        let sends = Arc::new(FaultySendLog {
+            inner: base_backend.sends.clone(),
+            lose_next_claim_answer: AtomicBool::new(false),
+            crash_after_next_claim: AtomicBool::new(false),
+            failing_records: AtomicUsize::new(0),
+            before_next_claim: Mutex::new(None),
+        });
+        let repo = Arc::new(FaultyRepo { inner: base_backend.repo.clone(), failing_status_writes: AtomicUsize::new(0) });
+        let backend = Backend {
+            queue: Some(queue.clone() as Arc<dyn JobQueue>),
+            sends: sends.clone() as Arc<dyn SendLog>,
+            repo: repo.clone() as Arc<dyn ProspectRepository>,
+            ..base_backend
+        };
         let account = admin::create_account(backend.admin.as_ref(), "Test account", &SystemClock).await.unwrap();
         let (record, key) = admin::create_key(backend.admin.as_ref(), account.id, Some("test".into()), &SystemClock).await.unwrap();
         // Tests send bursts under a frozen clock: a generous limit keeps them clear of it;
@@ -266,7 +472,6 @@ impl TestApp {
         .await
         .unwrap();
 
-        let clock = Arc::new(ManualClock(Mutex::new(OffsetDateTime::now_utc())));
         let mailer = Arc::new(RecordingMailer::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -289,11 +494,15 @@ impl TestApp {
             http: reqwest::Client::new(),
             backend,
             queue,
+            sends,
+            repo,
             account: account.id,
             key: key.expose().to_owned(),
             campaign,
+            deliveries: Mutex::new(HashMap::new()),
             embedded,
             aws,
+            pending: Mutex::new(Vec::new()),
             _dir: dir,
         }
     }
@@ -376,15 +585,11 @@ impl TestApp {
         if let Some(store) = &self.embedded {
             return store.queued_jobs().await.unwrap();
         }
-        let messages = self.receive_all().await;
-        messages.iter().map(|m| serde_json::from_str(m.body().unwrap_or_default()).expect("job body")).collect()
+        let _ = self.take_visible().await;
+        let pending = self.pending.lock().unwrap();
+        pending.iter().map(|m| serde_json::from_str(&m.body).expect("job body")).collect()
     }
 
-    /// Receives every visible message of the AWS queue, hiding them for five minutes.
-    async fn receive_all(&self) -> Vec<aws_sdk_sqs::types::Message> {
-        let aws = self.aws.as_ref().expect("aws resources");
-        receive_all(&aws.sqs, &aws.queue_url).await
-    }
 
     /// Everything the backend stores, as text: every SQLite table (and the database files'
     /// raw bytes), or every item of the DynamoDB table.
@@ -412,10 +617,38 @@ impl TestApp {
         aws.sqs.send_message().queue_url(&aws.queue_url).message_body(body).send().await.unwrap();
     }
 
+    /// The send record of a step (0-based) of the prospect's first enrollment.
+    pub async fn send_record(&self, email: &str, step: u32) -> Option<SendRecord> {
+        let prospect = self.prospect(by_email(email)).await.expect("prospect");
+        let key = SendKey { enrollment: prospect.enrollments[0].id, step };
+        self.backend.sends.send_record(key).await.expect("read send record")
+    }
+
+    /// The state names of the first `steps` send records of the prospect's first enrollment
+    /// (`-` where a step has none).
+    pub async fn send_states(&self, email: &str, steps: u32) -> Vec<String> {
+        let mut states = Vec::new();
+        for step in 0..steps {
+            states.push(self.send_record(email, step).await.map_or("-".to_owned(), |r| r.state.name().to_owned()));
+        }
+        states
+    }
+
+    fn count_delivery(&self, body: &str) {
+        if let Ok(job) = serde_json::from_str::<CampaignJob>(body) {
+            *self.deliveries.lock().unwrap().entry(job.step).or_default() += 1;
+        }
+    }
+
+    /// How many times the queue handed out a job of `step` (0-based).
+    pub fn deliveries_of(&self, step: u32) -> usize {
+        self.deliveries.lock().unwrap().get(&step).copied().unwrap_or(0)
+    }
+
     /// Runs the scheduler until it is quiet, as the queue would: the embedded loop's pass, or
-    /// the scheduler Lambda's SQS handler fed with what the queue holds. Each job is delivered
-    /// `deliveries` times. Returns how many messages were reported failed (AWS) or
-    /// dead-lettered (embedded) in this tick.
+    /// the scheduler Lambda's SQS handler fed with what the queue holds and is visible on the
+    /// test clock. Each job is delivered `deliveries` times. Returns how many messages were
+    /// reported failed (AWS) or dead-lettered (embedded) in this tick.
     pub async fn tick(&self, deliveries: usize) -> usize {
         let mut failed = 0;
         for _ in 0..8 {
@@ -423,7 +656,10 @@ impl TestApp {
             let handled = match &self.embedded {
                 Some(store) if deliveries == 1 => {
                     let dead_before = store.dead_jobs().await.unwrap().len();
-                    let handled = drain_embedded(&self.scheduler, store).await.unwrap();
+                    for job in store.queued_jobs_visible(self.clock.now()).await.unwrap() {
+                        self.count_delivery(&job);
+                    }
+                    let handled = drain_due_jobs(&self.scheduler, store).await.unwrap();
                     failed += store.dead_jobs().await.unwrap().len() - dead_before;
                     handled
                 }
@@ -434,6 +670,7 @@ impl TestApp {
                     for job in &jobs {
                         let mut results = Vec::new();
                         for _ in 0..deliveries {
+                            self.count_delivery(&job.body);
                             results.push(self.scheduler.process_message(&job.body).await);
                         }
                         if results.iter().all(Result::is_err) {
@@ -446,28 +683,29 @@ impl TestApp {
                     jobs.len()
                 }
                 None => {
-                    let aws = self.aws.as_ref().unwrap();
-                    let messages = self.receive_all().await;
+                    let due = self.take_visible().await;
                     let mut event = aws_lambda_events::event::sqs::SqsEvent::default();
-                    for m in &messages {
+                    for m in &due {
                         for _ in 0..deliveries {
+                            self.count_delivery(&m.body);
                             let mut record = aws_lambda_events::event::sqs::SqsMessage::default();
-                            record.message_id = m.message_id.clone();
-                            record.body = m.body.clone();
+                            record.message_id = Some(m.id.clone());
+                            record.body = Some(m.body.clone());
                             event.records.push(record);
                         }
                     }
-                    let response = handle_sqs_batch(&self.scheduler, event).await;
+                    let response = handle_batch(&self.scheduler, event).await;
                     let failures: std::collections::HashSet<_> =
                         response.batch_item_failures.iter().map(|f| f.item_identifier.clone()).collect();
-                    for m in &messages {
-                        if failures.contains(m.message_id().unwrap_or_default()) {
+                    // A failed message comes back after the queue's visibility timeout.
+                    let visible_again = (self.clock.now() + Duration::seconds(180)).unix_timestamp();
+                    for m in &due {
+                        if failures.contains(&m.id) {
                             failed += 1;
-                        } else {
-                            aws.sqs.delete_message().queue_url(&aws.queue_url).receipt_handle(m.receipt_handle().unwrap_or_default()).send().await.unwrap();
+                            self.pending.lock().unwrap().push(Pending { visible_at: visible_again, ..m.clone() });
                         }
                     }
-                    messages.len()
+                    due.len()
                 }
             };
             if handled == 0 || self.mailer.sent().len() == before {
@@ -475,6 +713,50 @@ impl TestApp {
             }
         }
         failed
+    }
+
+    /// AWS: takes every message off the emulator's queue into the pending list, and returns
+    /// (and removes) those visible on the test clock.
+    async fn take_visible(&self) -> Vec<Pending> {
+        let aws = self.aws.as_ref().expect("aws resources");
+        for m in self.receive_all_with_attributes().await {
+            let visible_at = m
+                .message_attributes()
+                .and_then(|a| a.get(VISIBLE_AT))
+                .and_then(|v| v.string_value())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(i64::MIN);
+            aws.sqs.delete_message().queue_url(&aws.queue_url).receipt_handle(m.receipt_handle().unwrap_or_default()).send().await.unwrap();
+            let pending = Pending { visible_at, id: m.message_id().unwrap_or_default().to_owned(), body: m.body().unwrap_or_default().to_owned() };
+            self.pending.lock().unwrap().push(pending);
+        }
+        let now = self.clock.now().unix_timestamp();
+        let mut pending = self.pending.lock().unwrap();
+        let (due, later): (Vec<Pending>, Vec<Pending>) = pending.drain(..).partition(|p| p.visible_at <= now);
+        *pending = later;
+        due
+    }
+
+    async fn receive_all_with_attributes(&self) -> Vec<aws_sdk_sqs::types::Message> {
+        let aws = self.aws.as_ref().expect("aws resources");
+        let mut all = Vec::new();
+        loop {
+            let out = aws
+                .sqs
+                .receive_message()
+                .queue_url(&aws.queue_url)
+                .max_number_of_messages(10)
+                .visibility_timeout(300)
+                .message_attribute_names("All")
+                .send()
+                .await
+                .expect("receive messages");
+            let messages = out.messages.unwrap_or_default();
+            if messages.is_empty() {
+                return all;
+            }
+            all.extend(messages);
+        }
     }
 }
 

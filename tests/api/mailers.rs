@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde_json::Value;
 use shared::adapters::ses::SesMailer;
 use shared::adapters::smtp::SmtpMailer;
-use shared::ports::{MailError, Mailer, OutgoingEmail};
+use shared::domain::{ClaimOwner, EnrollmentId, SendKey};
+use shared::ports::{Delivered, MailError, Mailer, OutgoingEmail, SendClaim};
 
 use crate::helpers::emulator_sdk_config;
 
@@ -124,19 +125,21 @@ async fn smtp_mailer_delivers_text_and_html_with_one_click_unsubscribe_headers()
     let mailer = SmtpMailer::from_url(&url).expect("valid SMTP URL");
 
     // Act
-    let result = mailer.send(&email).await;
+    let result = mailer.send(&email, &claim()).await;
 
     // Assert
-    assert!(result.is_ok(), "{result:?}");
+    let delivered_id = result.expect("sent").message_id;
     let received = delivered(Path::new(&maildir), &token);
     assert_eq!(received.header("X-RcptTo"), Some(email.to.as_str()), "envelope recipient");
     assert_eq!(received.header("X-MailFrom"), Some("hello@cadenhq.test"), "envelope sender");
     assert_eq!(received.header("From"), Some("CadenHQ <hello@cadenhq.test>"));
+    assert_eq!(received.header("Message-ID"), Some(format!("<{delivered_id}>").as_str()), "the id the send log keeps");
     assert_campaign_email(&received, &email);
 }
 
 /// A one-connection SMTP server on loopback that accepts every command except those named in
-/// `replies`, which it answers as given. Returns its port.
+/// `replies`, which it answers as given; `"."` names the end of the message, and the answer
+/// `"CLOSE"` drops the connection instead of answering. Returns its port.
 fn scripted_smtp_peer(replies: &'static [(&'static str, &'static str)]) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
     let port = listener.local_addr().expect("local address").port();
@@ -168,17 +171,25 @@ fn scripted_smtp_peer(replies: &'static [(&'static str, &'static str)]) -> u16 {
             }
             if reply.starts_with("354") {
                 while reader.read_line(&mut line).unwrap_or(0) > 0 && !line.ends_with("\r\n.\r\n") {}
-                say("250 2.0.0 Ok: queued");
+                let end = replies.iter().find(|(v, _)| *v == ".").map_or("250 2.0.0 Ok: queued", |(_, r)| *r);
+                if end == "CLOSE" || !say(end) {
+                    return;
+                }
             }
         }
     });
     port
 }
 
-async fn send_through_peer(replies: &'static [(&'static str, &'static str)]) -> Result<(), MailError> {
+/// What a mailer is told about the step it sends for (only the outbox uses it).
+fn claim() -> SendClaim {
+    SendClaim { key: SendKey { enrollment: EnrollmentId::new(), step: 0 }, owner: ClaimOwner::new(), now: time::OffsetDateTime::now_utc() }
+}
+
+async fn send_through_peer(replies: &'static [(&'static str, &'static str)]) -> Result<Delivered, MailError> {
     let port = scripted_smtp_peer(replies);
     let mailer = SmtpMailer::from_url(&format!("smtp://cadenhq:secret@127.0.0.1:{port}")).expect("valid SMTP URL");
-    mailer.send(&email("hello@cadenhq.test", &token())).await
+    mailer.send(&email("hello@cadenhq.test", &token()), &claim()).await
 }
 
 #[tokio::test]
@@ -198,7 +209,7 @@ async fn smtp_mailer_reports_a_refused_recipient_as_rejected_without_naming_it()
 }
 
 #[tokio::test]
-async fn smtp_mailer_reports_temporary_and_relay_side_failures_as_transient() {
+async fn smtp_mailer_reports_answers_that_refuse_the_message_as_not_accepted() {
     let cases: [&'static [(&'static str, &'static str)]; 4] = [
         &[("RCPT", "451 4.7.1 <nobody@example.com>: Recipient address rejected: greylisted")],
         &[("AUTH", "535 5.7.8 Error: authentication failed")],
@@ -209,19 +220,26 @@ async fn smtp_mailer_reports_temporary_and_relay_side_failures_as_transient() {
     for replies in cases {
         let result = send_through_peer(replies).await;
 
-        let Err(MailError::Transient(source)) = result else { panic!("{replies:?}: expected Transient, got {result:?}") };
+        let Err(MailError::NotAccepted(source)) = result else { panic!("{replies:?}: expected NotAccepted, got {result:?}") };
         assert!(!source.to_string().contains('@'), "{source}");
     }
 }
 
 #[tokio::test]
-async fn smtp_mailer_reports_an_unreachable_server_as_transient() {
+async fn smtp_mailer_reports_a_connection_lost_after_the_message_as_unknown() {
+    let result = send_through_peer(&[(".", "CLOSE")]).await;
+
+    assert!(matches!(result, Err(MailError::Unknown(_))), "the relay may have taken it: {result:?}");
+}
+
+#[tokio::test]
+async fn smtp_mailer_reports_an_unreachable_server_as_not_accepted() {
     let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
     let mailer = SmtpMailer::from_url(&format!("smtp://127.0.0.1:{port}")).expect("valid SMTP URL");
 
-    let result = mailer.send(&email("hello@cadenhq.test", &token())).await;
+    let result = mailer.send(&email("hello@cadenhq.test", &token()), &claim()).await;
 
-    assert!(matches!(result, Err(MailError::Transient(_))), "{result:?}");
+    assert!(matches!(result, Err(MailError::NotAccepted(_))), "{result:?}");
 }
 
 /// Every raw email the emulator's SES accepted whose MIME text contains `token`, as moto's
@@ -249,10 +267,12 @@ async fn ses_mailer_sends_raw_mime_with_one_click_unsubscribe_headers() {
     let email = email(&format!("CadenHQ <hello@{domain}>"), &token);
 
     // Act
-    let result = SesMailer::new(client).send(&email).await;
+    let result = SesMailer::from_sdk_config(&sdk).send(&email, &claim()).await;
+    drop(client);
 
     // Assert
-    assert!(result.is_ok(), "{result:?}");
+    let message_id = result.expect("sent").message_id;
+    assert!(!message_id.is_empty(), "SES's message id is kept");
     let sent = ses_sent_raw_messages(&token).await;
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0]["source"], format!("hello@{domain}"));
@@ -264,16 +284,16 @@ async fn ses_mailer_sends_raw_mime_with_one_click_unsubscribe_headers() {
 }
 
 #[tokio::test]
-async fn ses_mailer_reports_an_unverified_sender_as_transient() {
+async fn ses_mailer_reports_an_unverified_sender_as_not_accepted() {
     // Arrange
     let sdk = emulator_sdk_config().await;
     let token = token();
     let email = email(&format!("hello@{token}.unverified.test"), &token);
 
     // Act
-    let result = SesMailer::new(aws_sdk_sesv2::Client::new(&sdk)).send(&email).await;
+    let result = SesMailer::from_sdk_config(&sdk).send(&email, &claim()).await;
 
     // Assert
-    assert!(matches!(result, Err(MailError::Transient(_))), "{result:?}");
+    assert!(matches!(result, Err(MailError::NotAccepted(_))), "{result:?}");
     assert!(ses_sent_raw_messages(&token).await.is_empty());
 }

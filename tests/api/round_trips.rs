@@ -15,10 +15,11 @@ use shared::admin;
 use shared::backend::Backend;
 use shared::domain::{CampaignDefinition, CampaignJob, Clock, RateLimit, SystemClock};
 use shared::http::{router, Routes, KEY_HEADER};
-use shared::scheduler::{handle_sqs_batch, DeliverySettings, Scheduler};
+use shared::adapters::sqs::handle_batch;
+use shared::scheduler::{DeliverySettings, Scheduler};
 use time::{Duration, OffsetDateTime};
 
-use crate::helpers::{create_table, emulator_sdk_config, test_secret, RecordingMailer, CAMPAIGN_FILE};
+use crate::helpers::{create_table, emulator_sdk_config, test_secret, ModelSqsDelays, RecordingMailer, CAMPAIGN_FILE};
 
 /// The AWS calls made, as `Service.Operation`, in order.
 #[derive(Debug, Default)]
@@ -108,12 +109,17 @@ impl CountedApp {
 
         let calls = Arc::new(Calls::default());
         let dynamo_config = aws_sdk_dynamodb::config::Builder::from(&sdk).interceptor(CountCalls(calls.clone())).build();
-        let sqs_config = aws_sdk_sqs::config::Builder::from(&sdk).interceptor(CountCalls(calls.clone())).build();
+        let clock = Arc::new(TestClock(Mutex::new(OffsetDateTime::now_utc())));
+        let sqs_config = aws_sdk_sqs::config::Builder::from(&sdk)
+            .interceptor(CountCalls(calls.clone()))
+            .interceptor(ModelSqsDelays(clock.clone()))
+            .build();
         let counted_sqs = aws_sdk_sqs::Client::from_conf(sqs_config);
         let backend = Backend::aws_with_clients(aws_sdk_dynamodb::Client::from_conf(dynamo_config), &table, Some((counted_sqs.clone(), &queue_url)));
-        // The same adapter over the same counting client, but a job published for later comes
-        // back at once: the injected clock, not SQS, decides when a step is due.
-        let backend = Backend { queue: Some(Arc::new(SqsQueue::new(counted_sqs, &queue_url).with_max_delay_seconds(0))), ..backend };
+        // The same adapter over the same counting client, on the test's clock; its delays are
+        // played by ModelSqsDelays, and every job published comes back at the next delivery:
+        // the scheduler, not SQS, decides when a step is due.
+        let backend = Backend { queue: Some(Arc::new(SqsQueue::new(counted_sqs, &queue_url).with_clock(clock.clone()))), ..backend };
 
         let store = backend.admin.as_ref();
         let account = admin::create_account(store, "Round trips", &SystemClock).await.unwrap();
@@ -122,7 +128,6 @@ impl CountedApp {
         let definition = CampaignDefinition::parse(CAMPAIGN_FILE).unwrap();
         admin::create_campaign(store, account.id, definition, true, &SystemClock).await.unwrap();
 
-        let clock = Arc::new(TestClock(Mutex::new(OffsetDateTime::now_utc())));
         let mailer = Arc::new(RecordingMailer::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -196,7 +201,7 @@ impl CountedApp {
             event.records.push(record);
         }
         let sent_before = self.mailer.sent().len();
-        let response = handle_sqs_batch(&self.scheduler, event).await;
+        let response = handle_batch(&self.scheduler, event).await;
         assert!(response.batch_item_failures.is_empty(), "no job failed");
         self.delete(&messages).await;
         let jobs = messages.iter().map(|m| serde_json::from_str(m.body().unwrap()).unwrap()).collect();
@@ -300,13 +305,15 @@ async fn the_scheduler_costs_these_round_trips_per_step() {
     assert_eq!((jobs.len(), sent), (1, 1));
     app.check(
         "scheduler, cold instance: first step (campaign read once, then kept)",
-        &[("DynamoDB.GetItem", 2), ("DynamoDB.PutItem", 1), ("SQS.SendMessageBatch", 1)],
+        &[("DynamoDB.GetItem", 2), ("DynamoDB.TransactWriteItems", 1), ("DynamoDB.UpdateItem", 1), ("SQS.SendMessageBatch", 1)],
     );
     app.discard().await;
 
-    // A step: read the prospect, claim the send (conditional PutItem), send, publish the next
-    // (with the batch's other follow-ups: here the batch is this one job).
-    let step = [("DynamoDB.GetItem", 1), ("DynamoDB.PutItem", 1), ("SQS.SendMessageBatch", 1)];
+    // A step: read the prospect, claim the send (one transaction: the claim's put, conditional
+    // on the prospect and the campaign), send, record the provider's message id (an update
+    // conditional on the claim's owner), publish the next (with the batch's other follow-ups:
+    // here the batch is this one job).
+    let step = [("DynamoDB.GetItem", 1), ("DynamoDB.TransactWriteItems", 1), ("DynamoDB.UpdateItem", 1), ("SQS.SendMessageBatch", 1)];
     app.post(&prospect(1), 201).await;
     app.calls.take();
     let (jobs, sent) = app.deliver().await;
@@ -325,7 +332,10 @@ async fn the_scheduler_costs_these_round_trips_per_step() {
     app.clock.advance(Duration::seconds(259_200));
     let (jobs, sent) = app.deliver().await;
     assert_eq!((jobs[0].step, sent), (2, 1));
-    app.check("scheduler: last step delivered (its claim records the completion)", &[("DynamoDB.GetItem", 1), ("DynamoDB.PutItem", 1)]);
+    app.check(
+        "scheduler: last step delivered (its send record, sent, records the completion)",
+        &[("DynamoDB.GetItem", 1), ("DynamoDB.TransactWriteItems", 1), ("DynamoDB.UpdateItem", 1)],
+    );
     assert!(app.receive().await.is_empty(), "nothing left to publish");
 }
 
@@ -340,7 +350,7 @@ async fn the_scheduler_publishes_a_batch_of_follow_ups_in_one_call() {
     assert_eq!((jobs.len(), sent), (10, 10));
     app.check(
         "scheduler: a batch of 10 first steps (campaign read once)",
-        &[("DynamoDB.GetItem", 11), ("DynamoDB.PutItem", 10), ("SQS.SendMessageBatch", 1)],
+        &[("DynamoDB.GetItem", 11), ("DynamoDB.TransactWriteItems", 10), ("DynamoDB.UpdateItem", 10), ("SQS.SendMessageBatch", 1)],
     );
 
     let (jobs, sent) = app.deliver().await;

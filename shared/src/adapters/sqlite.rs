@@ -595,6 +595,19 @@ impl SqliteStore {
         })
     }
 
+    /// The bodies of the jobs of the embedded queue visible at `now`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub async fn queued_jobs_visible(&self, now: OffsetDateTime) -> Result<Vec<String>, StoreError> {
+        let now = unix_ms(now);
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT body FROM jobs WHERE visible_at_ms <= ?1 ORDER BY visible_at_ms, id").map_err(db_error)?;
+            let bodies = stmt.query_map([now], |r| r.get::<_, String>(0)).map_err(db_error)?;
+            bodies.collect::<Result<Vec<_>, _>>().map_err(db_error)
+        })
+    }
+
     /// Every campaign job waiting in the embedded queue, due or not.
     ///
     /// # Errors
