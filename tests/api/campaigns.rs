@@ -182,28 +182,38 @@ async fn a_step_that_cannot_be_rendered_is_recorded_as_skipped(kind: Kind) {
 
 async fn pausing_holds_every_step_and_resuming_shifts_the_rest(kind: Kind) {
     let app = TestApp::spawn(kind).await;
+    let store = app.backend.admin.as_ref();
+    let (id, clock) = (app.campaign.id, app.clock.as_ref());
     app.post(&json!({"email": "pia@example.com"})).await;
     app.tick(1).await;
     assert_eq!(app.mailer.sent().len(), 1);
 
-    // Paused five minutes after the first step: the second had five minutes left.
-    app.clock.advance(Duration::minutes(5));
-    admin::change_campaign_sending(app.backend.admin.as_ref(), app.campaign.id, SendingChange::Pause, app.clock.as_ref()).await.unwrap();
-    for _ in 0..4 {
-        app.clock.advance(Duration::minutes(15));
-        app.tick(1).await;
-    }
-    assert_eq!(app.mailer.sent().len(), 1, "nothing is sent while paused");
-    admin::change_campaign_sending(app.backend.admin.as_ref(), app.campaign.id, SendingChange::Resume, app.clock.as_ref()).await.unwrap();
+    // Paused one minute after the first step for three minutes: the second step, due at ten
+    // minutes, had nine minutes left, so it is due at thirteen.
+    app.clock.advance(Duration::minutes(1));
+    admin::change_campaign_sending(store, id, SendingChange::Pause, clock).await.unwrap();
+    app.clock.advance(Duration::minutes(3));
+    admin::change_campaign_sending(store, id, SendingChange::Resume, clock).await.unwrap();
+    app.clock.advance(Duration::minutes(9) - Duration::seconds(1));
     app.tick(1).await;
-    app.clock.advance(Duration::minutes(5) - Duration::seconds(1));
-    app.tick(1).await;
-    assert_eq!(app.mailer.sent().len(), 1, "the step is due the five minutes it had left after the resume");
+    assert_eq!(app.mailer.sent().len(), 1, "not before the time it had left after the resume");
     app.clock.advance(Duration::seconds(1));
     app.tick(1).await;
-
     assert_eq!(app.mailer.subjects(), ["Hi ", "Tips"]);
-    let err = admin::change_campaign_sending(app.backend.admin.as_ref(), app.campaign.id, SendingChange::Resume, &SystemClock).await.unwrap_err();
+
+    // Paused again just as the last step is due: nothing is sent until the resume, and then at
+    // once (it had no time left), within the 15 minutes after which a paused job looks again.
+    app.clock.advance(STEP_3);
+    admin::change_campaign_sending(store, id, SendingChange::Pause, clock).await.unwrap();
+    app.clock.advance(Duration::minutes(20));
+    app.tick(1).await;
+    assert_eq!(app.mailer.sent().len(), 2, "nothing is sent while paused");
+    admin::change_campaign_sending(store, id, SendingChange::Resume, clock).await.unwrap();
+    app.clock.advance(shared::scheduler::PAUSED_RECHECK);
+    app.tick(1).await;
+
+    assert_eq!(app.mailer.subjects(), ["Hi ", "Tips", "Last call"], "a paused job looks again within 15 minutes");
+    let err = admin::change_campaign_sending(store, id, SendingChange::Resume, &SystemClock).await.unwrap_err();
     assert!(err.to_string().contains("not paused"), "{err}");
 }
 

@@ -580,12 +580,12 @@ impl TestApp {
         self.backend.repo.find(self.account, &by).await.expect("read prospect")
     }
 
-    /// Every campaign job published so far (drains the AWS queue: call once per test).
+    /// Every campaign job waiting in the queue, due or not.
     pub async fn queued_jobs(&self) -> Vec<CampaignJob> {
         if let Some(store) = &self.embedded {
             return store.queued_jobs().await.unwrap();
         }
-        let _ = self.take_visible().await;
+        self.pull_from_emulator().await;
         let pending = self.pending.lock().unwrap();
         pending.iter().map(|m| serde_json::from_str(&m.body).expect("job body")).collect()
     }
@@ -718,6 +718,16 @@ impl TestApp {
     /// AWS: takes every message off the emulator's queue into the pending list, and returns
     /// (and removes) those visible on the test clock.
     async fn take_visible(&self) -> Vec<Pending> {
+        self.pull_from_emulator().await;
+        let now = self.clock.now().unix_timestamp();
+        let mut pending = self.pending.lock().unwrap();
+        let (due, later): (Vec<Pending>, Vec<Pending>) = pending.drain(..).partition(|p| p.visible_at <= now);
+        *pending = later;
+        due
+    }
+
+    /// AWS: moves every message of the emulator's queue into the pending list.
+    async fn pull_from_emulator(&self) {
         let aws = self.aws.as_ref().expect("aws resources");
         for m in self.receive_all_with_attributes().await {
             let visible_at = m
@@ -730,11 +740,6 @@ impl TestApp {
             let pending = Pending { visible_at, id: m.message_id().unwrap_or_default().to_owned(), body: m.body().unwrap_or_default().to_owned() };
             self.pending.lock().unwrap().push(pending);
         }
-        let now = self.clock.now().unix_timestamp();
-        let mut pending = self.pending.lock().unwrap();
-        let (due, later): (Vec<Pending>, Vec<Pending>) = pending.drain(..).partition(|p| p.visible_at <= now);
-        *pending = later;
-        due
     }
 
     async fn receive_all_with_attributes(&self) -> Vec<aws_sdk_sqs::types::Message> {
