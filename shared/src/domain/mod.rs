@@ -11,7 +11,7 @@ mod prospect;
 mod rate_limit;
 mod unsubscribe;
 
-pub use campaign::{Campaign, CampaignDefinition, CampaignError, RenderedEmail, Step};
+pub use campaign::{sample_prospect, Campaign, CampaignDefinition, CampaignError, RenderedEmail, Step};
 pub use unsubscribe::{InvalidToken, UnsubscribeSecret, WeakSecret};
 pub use email::{EmailError, NormalizedEmail};
 pub use ids::{AccountId, CampaignId, EnrollmentId, IdError, KeyId, ProspectId};
