@@ -234,6 +234,7 @@ pub async fn serve(options: Serve<'_>) -> Result<(), AppError> {
         text.push_str(&format!("{}\nCadenHQ Prospects API listening on http://{local}", mailer.1));
         text
     };
+    let signal = shutdown_signal();
     let printed = output::line(banner);
 
     let app = router(service, Routes::All);
@@ -241,7 +242,7 @@ pub async fn serve(options: Serve<'_>) -> Result<(), AppError> {
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         // A reader that is gone before the banner (`serve | head -1` read less) stops the server.
         if printed.is_ok() {
-            shutdown_signal().await;
+            signal.await;
         }
         let _ = stop_tx.send(true);
         let _ = stop.changed().await;
@@ -270,21 +271,27 @@ async fn run_scheduler(scheduler: Scheduler, store: SqliteStore, mut stop: watch
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves at Ctrl-C or SIGTERM. The handlers are installed when this is called, so a
+/// signal sent as soon as the banner is out is already caught.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            match (interrupt, terminate) {
+                (Ok(mut interrupt), Ok(mut terminate)) => {
+                    tokio::select! { _ = interrupt.recv() => {}, _ = terminate.recv() => {} }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! { () = ctrl_c => {}, () = terminate => {} }
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
-
