@@ -1,6 +1,5 @@
 //! Command-line arguments.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -8,7 +7,7 @@ use shared::config::{BACKEND, DATA_DIR, PUBLIC_URL};
 use shared::domain::{AccountId, CampaignId, KeyId, ProspectId};
 
 #[derive(Debug, Parser)]
-#[command(name = "cadenhq", version, about = "CadenHQ Prospects API: local server and admin commands")]
+#[command(name = "cadenhq", version, about = "CadenHQ Prospects API: local server and admin commands", arg_required_else_help = true)]
 pub struct Cli {
     /// Directory of the embedded store.
     #[arg(long, global = true, env = DATA_DIR, default_value = ".cadenhq")]
@@ -33,27 +32,27 @@ pub enum BackendKind {
 pub enum Command {
     /// Run the Prospects API over HTTP.
     Serve {
-        /// Address to listen on.
+        /// Address to listen on: HOST:PORT, the host a name (localhost) or an IP address.
         #[arg(long, default_value = "127.0.0.1:3000")]
-        addr: SocketAddr,
+        addr: String,
         /// Base URL of unsubscribe links in emails (default: http://ADDR).
         #[arg(long, env = PUBLIC_URL)]
         public_url: Option<String>,
     },
     /// Manage accounts.
-    #[command(subcommand)]
+    #[command(subcommand, arg_required_else_help = true)]
     Accounts(AccountsCommand),
     /// Manage API keys.
-    #[command(subcommand)]
+    #[command(subcommand, arg_required_else_help = true)]
     Keys(KeysCommand),
     /// Manage campaigns.
-    #[command(subcommand)]
+    #[command(subcommand, arg_required_else_help = true)]
     Campaigns(CampaignsCommand),
     /// Inspect prospects.
-    #[command(subcommand)]
+    #[command(subcommand, arg_required_else_help = true)]
     Prospects(ProspectsCommand),
     /// Campaign emails stored by the embedded server's outbox mailer.
-    #[command(subcommand)]
+    #[command(subcommand, arg_required_else_help = true)]
     Outbox(OutboxCommand),
     /// Run a Lambda function binary on this machine: play the Lambda Runtime API, feed it
     /// event files in order, print each response.
@@ -113,13 +112,15 @@ pub enum AccountsCommand {
         #[arg(long)]
         name: String,
     },
+    /// List every account: id, name, created, keys.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Create a key; the secret is printed once and never stored.
     Create {
-        #[arg(long)]
+        #[arg(long, value_name = "ID")]
         account: AccountId,
         /// Who or what the key is for (owner, environment).
         #[arg(long)]
@@ -129,7 +130,7 @@ pub enum KeysCommand {
     Revoke { key_id: KeyId },
     /// List an account's keys (never the secrets).
     List {
-        #[arg(long)]
+        #[arg(long, value_name = "ID")]
         account: AccountId,
     },
     /// Override a key's rate limit (default: 20 requests/s, bursts of 40).
@@ -151,7 +152,7 @@ pub enum KeysCommand {
 pub enum CampaignsCommand {
     /// Create a campaign from a JSON file.
     Create {
-        #[arg(long)]
+        #[arg(long, value_name = "ID")]
         account: AccountId,
         #[arg(long)]
         file: PathBuf,
@@ -161,8 +162,20 @@ pub enum CampaignsCommand {
     },
     /// List an account's campaigns.
     List {
-        #[arg(long)]
+        #[arg(long, value_name = "ID")]
         account: AccountId,
+    },
+    /// Show one campaign: its steps and delays, whether it is active and the default.
+    Show { id: CampaignId },
+    /// Render every step for a prospect (default: a sample with every variable set) exactly
+    /// as the sender would, unsubscribe link included; sends and records nothing.
+    Preview {
+        id: CampaignId,
+        #[command(flatten)]
+        by: PreviewSelector,
+        /// Base URL of the unsubscribe link (default: http://127.0.0.1:3000, as `serve`).
+        #[arg(long, env = PUBLIC_URL)]
+        public_url: Option<String>,
     },
     /// Deactivate a campaign: ends its running enrollments and takes no new ones.
     Deactivate { id: CampaignId },
@@ -173,11 +186,25 @@ pub enum CampaignsCommand {
     Resume { id: CampaignId },
 }
 
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+pub struct PreviewSelector {
+    /// A stored prospect of the campaign's account, by id.
+    #[arg(long, value_name = "ID")]
+    pub prospect_id: Option<ProspectId>,
+    /// A stored prospect of the campaign's account, by email.
+    #[arg(long)]
+    pub email: Option<String>,
+    /// A sample prospect with every variable set (the default).
+    #[arg(long)]
+    pub sample: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ProspectsCommand {
     /// Show one stored prospect.
     Show {
-        #[arg(long)]
+        #[arg(long, value_name = "ID")]
         account: AccountId,
         #[command(flatten)]
         by: ProspectSelector,
@@ -187,7 +214,7 @@ pub enum ProspectsCommand {
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct ProspectSelector {
-    #[arg(long)]
+    #[arg(long, value_name = "ID")]
     pub id: Option<ProspectId>,
     #[arg(long)]
     pub email: Option<String>,

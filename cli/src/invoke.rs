@@ -21,6 +21,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
+use tokio::time::Instant as Deadline;
+
+use std::io::Write;
 
 use crate::args::InvokeArgs;
 
@@ -34,6 +37,9 @@ const MAX_PAYLOAD: usize = 6 * 1024 * 1024;
 const LOG_TAIL: usize = 20;
 /// How long a function that reported an init error gets to exit before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
+/// How long the output a killed function left in its pipes gets to be copied, all pipes
+/// together (a process it started may hold them open for ever).
+const DRAIN_GRACE: Duration = Duration::from_millis(200);
 
 /// Why an invocation run failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +54,8 @@ pub enum InvokeError {
     /// The function reported an init error, exited or stopped answering.
     #[error("{0}")]
     Function(String),
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
 }
 
 /// What the function is started with.
@@ -82,7 +90,7 @@ pub async fn run(args: &InvokeArgs, json_output: bool) -> Result<(), InvokeError
     for _ in 0..args.repeat {
         starts.push(run_once(&setup, json_output).await?);
     }
-    print_summary(&setup, &starts, json_output);
+    print_summary(&setup, &starts, json_output)?;
     Ok(())
 }
 
@@ -284,7 +292,7 @@ fn forward(output: impl AsyncRead + Unpin + Send + 'static, tail: Tail) -> tokio
     tokio::spawn(async move {
         let mut lines = BufReader::new(output).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("{line}");
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
             if let Ok(mut tail) = tail.lock() {
                 if tail.len() == LOG_TAIL {
                     tail.pop_front();
@@ -348,19 +356,21 @@ impl Process {
         Ok(Self { child, notes, events, tail, forwarders, server, started, polls: 0 })
     }
 
-    async fn wait(&mut self, timeout: Duration) -> Waited {
+    /// Waits for the next note, the process's exit or `deadline`.
+    async fn wait(&mut self, deadline: Deadline) -> Waited {
         tokio::select! {
             biased;
             Some(note) = self.notes.recv() => Waited::Note(note),
             status = self.child.wait() => Waited::Exited(status),
-            () = tokio::time::sleep(timeout) => Waited::TimedOut,
+            () = tokio::time::sleep_until(deadline) => Waited::TimedOut,
         }
     }
 
     /// Waits for the function's next poll; `during` names the phase for a failure report.
     async fn next_poll(&mut self, timeout: Duration, during: &str) -> Result<Instant, Failure> {
+        let deadline = Deadline::now() + timeout;
         loop {
-            match self.wait(timeout).await {
+            match self.wait(deadline).await {
                 Waited::Note(Note::Poll(at)) => {
                     self.polls += 1;
                     return Ok(at);
@@ -388,11 +398,12 @@ impl Process {
             trace_id: format!("Root=1-{:08x}-{};Parent={};Sampled=0", epoch.as_secs(), &random[..24], &random[16..]),
         };
         let handed = Instant::now();
+        let deadline = Deadline::now() + setup.timeout;
         if self.events.send(invocation).await.is_err() {
             return Err(self.failure("exit", "the Runtime API stopped".into(), None).await);
         }
         loop {
-            match self.wait(setup.timeout).await {
+            match self.wait(deadline).await {
                 Waited::Note(Note::Answer { request_id: id, kind, body, at }) if id == request_id => {
                     return Ok((kind, body, handed, at));
                 }
@@ -428,8 +439,11 @@ impl Process {
 
     async fn stop(&mut self) {
         let _ = self.child.kill().await;
-        for forwarder in self.forwarders.drain(..) {
-            let _ = tokio::time::timeout(EXIT_GRACE, forwarder).await;
+        let drained = Deadline::now() + DRAIN_GRACE;
+        for mut forwarder in self.forwarders.drain(..) {
+            if tokio::time::timeout_at(drained, &mut forwarder).await.is_err() {
+                forwarder.abort();
+            }
         }
         self.server.abort();
     }
@@ -463,14 +477,18 @@ async fn run_once(setup: &Setup, json_output: bool) -> Result<Start, InvokeError
     let mut process = Process::start(setup).await?;
     match serve_events(&mut process, setup, json_output).await {
         Ok(start) => Ok(start),
-        Err((event, failure)) => {
+        Err(Served::Output(e)) => {
+            process.stop().await;
+            Err(InvokeError::Output(e))
+        }
+        Err(Served::Failed(event, failure)) => {
             let last = failure.log.last().cloned().unwrap_or_default();
             if json_output {
                 let line = json!({
                     "event": event, "kind": failure.kind, "message": failure.message,
                     "payload": failure.payload, "log": failure.log,
                 });
-                println!("{line}");
+                crate::output::line(line)?;
             }
             let output = if last.is_empty() { String::new() } else { format!("; its last output: {last}") };
             Err(InvokeError::Function(format!("{} {}{output}", setup.name, failure.message)))
@@ -478,14 +496,14 @@ async fn run_once(setup: &Setup, json_output: bool) -> Result<Start, InvokeError
     }
 }
 
-async fn serve_events(process: &mut Process, setup: &Setup, json_output: bool) -> Result<Start, (Option<String>, Failure)> {
-    let first_poll = process.next_poll(setup.timeout, "during init").await.map_err(|f| (None, f))?;
+async fn serve_events(process: &mut Process, setup: &Setup, json_output: bool) -> Result<Start, Served> {
+    let first_poll = process.next_poll(setup.timeout, "during init").await.map_err(|f| Served::Failed(None, f))?;
     let mut first_answer = None;
     for (event, payload) in &setup.events {
-        let (kind, body, handed, answered) = process.invoke(setup, event, payload).await.map_err(|f| (Some(event.clone()), f))?;
+        let (kind, body, handed, answered) = process.invoke(setup, event, payload).await.map_err(|f| Served::Failed(Some(event.clone()), f))?;
         first_answer.get_or_insert(answered - process.started);
-        print_answer(event, kind, &body, answered - handed, json_output);
-        process.next_poll(setup.timeout, &format!("after answering {event}")).await.map_err(|f| (Some(event.clone()), f))?;
+        print_answer(event, kind, &body, answered - handed, json_output).map_err(Served::Output)?;
+        process.next_poll(setup.timeout, &format!("after answering {event}")).await.map_err(|f| Served::Failed(Some(event.clone()), f))?;
     }
     let peak_rss_kb = process.child.id().and_then(peak_rss_kb);
     process.stop().await;
@@ -498,12 +516,20 @@ async fn serve_events(process: &mut Process, setup: &Setup, json_output: bool) -
     })
 }
 
-fn print_answer(event: &str, kind: &str, body: &[u8], took: Duration, json_output: bool) {
+/// Why serving the events stopped early.
+enum Served {
+    /// The function failed, at init (no event) or at an event.
+    Failed(Option<String>, Failure),
+    /// Our output could not be written (the reader went away).
+    Output(std::io::Error),
+}
+
+fn print_answer(event: &str, kind: &str, body: &[u8], took: Duration, json_output: bool) -> std::io::Result<()> {
     let payload = payload_value(body);
     if json_output {
-        println!("{}", json!({ "event": event, "kind": kind, "payload": payload, "ms": ms(took) }));
+        crate::output::line(json!({ "event": event, "kind": kind, "payload": payload, "ms": ms(took) }))
     } else {
-        println!("{event}: {kind} in {} ms\n{payload}", ms(took));
+        crate::output::line(format!("{event}: {kind} in {} ms\n{payload}", ms(took)))
     }
 }
 
@@ -517,7 +543,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     }
 }
 
-fn print_summary(setup: &Setup, starts: &[Start], json_output: bool) {
+fn print_summary(setup: &Setup, starts: &[Start], json_output: bool) -> std::io::Result<()> {
     let inits: Vec<f64> = starts.iter().map(|s| ms(s.init)).collect();
     let init = median(inits.clone());
     let first = median(starts.iter().filter_map(|s| s.first_answer.map(ms)).collect());
@@ -529,16 +555,15 @@ fn print_summary(setup: &Setup, starts: &[Start], json_output: bool) {
             "kind": "summary", "function": setup.name, "starts": starts.len(), "invocations": invocations,
             "polls": polls, "init_ms": init, "init_ms_each": inits, "first_response_ms": first, "peak_rss_kb": rss,
         });
-        println!("{line}");
-        return;
+        return crate::output::line(line);
     }
     let of = if starts.len() > 1 { format!(" (median of {} starts)", starts.len()) } else { String::new() };
     let first = first.map_or_else(|| "-".into(), |v| format!("{v} ms"));
     let rss = rss.map_or_else(|| "-".into(), |kb| format!("{:.1} MiB", kb as f64 / 1024.0));
-    println!(
+    crate::output::line(format!(
         "{}: init {} ms{of}, first response {first}, peak RSS {rss}; {} start(s), {invocations} invocation(s), {polls} poll(s)",
         setup.name,
         init.unwrap_or_default(),
         starts.len()
-    );
+    ))
 }

@@ -63,6 +63,48 @@ async fn existing_account(store: &dyn AdminStore, id: AccountId) -> Result<Accou
     store.get_account(id).await?.ok_or(AdminError::UnknownAccount(id))
 }
 
+/// Every account, oldest first, with its keys.
+///
+/// # Errors
+/// Storage errors.
+pub async fn list_accounts(store: &dyn AdminStore) -> Result<Vec<(Account, Vec<ApiKeyRecord>)>, AdminError> {
+    let mut listed = Vec::new();
+    for account in store.list_accounts().await? {
+        let keys = store.list_keys(account.id).await?;
+        listed.push((account, keys));
+    }
+    Ok(listed)
+}
+
+/// An account's keys, oldest first.
+///
+/// # Errors
+/// [`AdminError::UnknownAccount`]; storage errors.
+pub async fn list_keys(store: &dyn AdminStore, account: AccountId) -> Result<Vec<ApiKeyRecord>, AdminError> {
+    existing_account(store, account).await?;
+    Ok(store.list_keys(account).await?)
+}
+
+/// An account and its campaigns, oldest first.
+///
+/// # Errors
+/// [`AdminError::UnknownAccount`]; storage errors.
+pub async fn list_campaigns(store: &dyn AdminStore, account: AccountId) -> Result<(Account, Vec<Campaign>), AdminError> {
+    let account = existing_account(store, account).await?;
+    let campaigns = store.list_campaigns(account.id).await?;
+    Ok((account, campaigns))
+}
+
+/// A campaign, and whether it is its account's default.
+///
+/// # Errors
+/// [`AdminError::UnknownCampaign`]; storage errors.
+pub async fn campaign(store: &dyn AdminStore, id: CampaignId) -> Result<(Campaign, bool), AdminError> {
+    let campaign = store.get_campaign(id).await?.ok_or(AdminError::UnknownCampaign(id))?;
+    let is_default = store.get_account(campaign.account_id).await?.and_then(|a| a.default_campaign_id) == Some(id);
+    Ok((campaign, is_default))
+}
+
 /// Creates a key for an account. The returned [`ApiKey`] is the only copy of the secret.
 ///
 /// # Errors

@@ -360,6 +360,11 @@ pub trait AdminStore: Send + Sync {
     /// # Errors
     /// [`StoreError`] on a backend failure.
     async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError>;
+    /// Every account, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn list_accounts(&self) -> Result<Vec<Account>, StoreError>;
 }
 
 /// One rendered campaign email, ready for a mail provider.

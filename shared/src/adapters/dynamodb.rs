@@ -863,6 +863,33 @@ impl AdminStore for DynamoStore {
     async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError> {
         self.get(campaign_pk(id), true).await?.as_ref().map(doc_of).transpose()
     }
+
+    async fn list_accounts(&self) -> Result<Vec<Account>, StoreError> {
+        let mut accounts: Vec<Account> = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .filter_expression("begins_with(pk, :a)")
+                .expression_attribute_values(":a", s("ACCOUNT#"))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            for item in out.items() {
+                accounts.push(doc_of(item)?);
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        accounts.sort_by_key(|a| a.created_at);
+        Ok(accounts)
+    }
 }
 
 fn send_pk(key: SendKey) -> String {

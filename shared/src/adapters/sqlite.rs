@@ -459,6 +459,17 @@ impl SqliteStore {
         })
     }
 
+    /// Opens the store in `data_dir` if there is one; `None` (and nothing created) if not.
+    ///
+    /// # Errors
+    /// [`StoreError::Other`] when the store is there but cannot be opened.
+    pub fn open_existing(data_dir: &Path) -> Result<Option<Self>, StoreError> {
+        if !data_dir.join(DB_FILE).is_file() {
+            return Ok(None);
+        }
+        Self::open(data_dir).map(Some)
+    }
+
     /// Runs `f` on a read connection, on this thread.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let idle = self.inner.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
@@ -1221,6 +1232,16 @@ impl AdminStore for SqliteStore {
 
     async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError> {
         self.read(|conn| get_doc(conn, "SELECT doc FROM campaigns WHERE id = ?1", id.to_string()))
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<Account>, StoreError> {
+        let mut accounts: Vec<Account> = self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT doc FROM accounts ORDER BY rowid").map_err(db_error)?;
+            let docs = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db_error)?;
+            docs.map(|d| serde_json::from_str(&d.map_err(db_error)?).map_err(json_error)).collect()
+        })?;
+        accounts.sort_by_key(|a| a.created_at);
+        Ok(accounts)
     }
 }
 

@@ -4,7 +4,7 @@
 use minijinja::{Environment, UndefinedBehavior, Value};
 use time::{Duration, OffsetDateTime};
 
-use super::{AccountId, CampaignId, Prospect};
+use super::{AccountId, CampaignId, ExternalId, NormalizedEmail, Prospect, TEXT_FIELDS};
 
 /// Upper bounds that keep a definition sane.
 const MAX_STEPS: usize = 50;
@@ -16,6 +16,10 @@ const MAX_TEMPLATE_CHARS: usize = 100_000;
 pub enum CampaignError {
     #[error("campaign file is not valid JSON: {0}")]
     Json(String),
+    /// Valid JSON that is not a campaign: the field named is missing, unknown or of the wrong
+    /// type.
+    #[error("campaign file: {0}")]
+    Schema(String),
     #[error("campaign {0}")]
     Invalid(String),
 }
@@ -37,8 +41,9 @@ pub struct RenderedEmail {
     pub html_body: String,
 }
 
-/// The template environment: variables that are missing render empty (also nested ones such
-/// as `{{ metadata.company.name }}`), so a missing field never fails a send.
+/// The template environment every step is rendered with, at send time, in a preview and when a
+/// campaign is checked at creation: variables that are missing render empty (also nested ones
+/// such as `{{ metadata.company.name }}`), so a missing field never fails a send.
 fn template_env() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Chainable);
@@ -68,8 +73,10 @@ impl Step {
     /// they are; the HTML body is the text body HTML-escaped, followed by the unsubscribe link.
     ///
     /// # Errors
-    /// [`CampaignError::Invalid`] if a template fails at render time (its syntax was checked
-    /// when the campaign was created, so this is rare: e.g. a filter applied to a wrong type).
+    /// [`CampaignError::Invalid`] naming the subject or body if a template fails at render time
+    /// (every template was rendered for a prospect with every variable set and for one with
+    /// none set when the campaign was created, so this is rare: e.g. a filter that fails on
+    /// one particular value).
     pub fn render(&self, prospect: &Prospect, unsubscribe_url: &str) -> Result<RenderedEmail, CampaignError> {
         let mut ctx = std::collections::BTreeMap::<&str, Value>::new();
         for (name, value) in prospect.fields.iter() {
@@ -82,11 +89,11 @@ impl Step {
         ctx.insert("metadata", Value::from_serialize(&prospect.metadata));
         ctx.insert("unsubscribe_url", Value::from(unsubscribe_url));
         let env = template_env();
-        let render = |source: &str| {
-            env.render_str(source, &ctx).map_err(|e| CampaignError::Invalid(format!("template failed to render: {e}")))
+        let render = |what: &str, source: &str| {
+            env.render_str(source, &ctx).map_err(|e| CampaignError::Invalid(format!("{what} cannot be rendered: {e}")))
         };
-        let subject = render(&self.subject)?.replace(['\r', '\n'], " ");
-        let body = render(&self.body)?;
+        let subject = render("subject", &self.subject)?.replace(['\r', '\n'], " ");
+        let body = render("body", &self.body)?;
         Ok(RenderedEmail {
             subject,
             text_body: format!("{body}\n\n--\nUnsubscribe: {unsubscribe_url}\n"),
@@ -113,7 +120,7 @@ impl CampaignDefinition {
     /// # Errors
     /// [`CampaignError`] naming the first problem found.
     pub fn parse(json: &str) -> Result<Self, CampaignError> {
-        let def: Self = serde_json::from_str(json).map_err(|e| CampaignError::Json(e.to_string()))?;
+        let def: Self = parse_json(json)?;
         if def.name.trim().is_empty() || def.name.chars().count() > 255 {
             return Err(CampaignError::Invalid("name must be 1 to 255 characters".into()));
         }
@@ -136,9 +143,94 @@ impl CampaignDefinition {
                 env.template_from_str(source)
                     .map_err(|e| CampaignError::Invalid(format!("step {n}: {what} is not a valid template: {e}")))?;
             }
+            // What can only fail when rendered (an unknown filter, test or function, a filter
+            // applied to a wrong type) fails here, through the renderer the sender uses.
+            for prospect in [sample_prospect(AccountId::new()), bare_prospect(AccountId::new())] {
+                step.render(&prospect, SAMPLE_UNSUBSCRIBE_URL).map_err(|e| match e {
+                    CampaignError::Invalid(why) => CampaignError::Invalid(format!("step {n}: {why}")),
+                    other => other,
+                })?;
+            }
         }
         Ok(def)
     }
+}
+
+/// Reads the file's JSON; a value that is not a campaign names the field at fault, e.g.
+/// `step 2, delay_seconds: invalid type: string "soon", expected u64`.
+fn parse_json(json: &str) -> Result<CampaignDefinition, CampaignError> {
+    let mut deserializer = serde_json::Deserializer::from_str(json);
+    let def = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let inner = e.inner();
+        if !inner.is_data() {
+            return CampaignError::Json(inner.to_string());
+        }
+        let mut at = Vec::new();
+        let mut in_steps = false;
+        for segment in e.path().iter() {
+            match segment {
+                serde_path_to_error::Segment::Seq { index } if in_steps => at.push(format!("step {}", index + 1)),
+                serde_path_to_error::Segment::Map { key } => {
+                    in_steps = at.is_empty() && key == "steps";
+                    at.push(key.clone());
+                }
+                other => at.push(other.to_string()),
+            }
+        }
+        // "steps" then "step 2" says the same twice.
+        if at.len() > 1 && at[0] == "steps" {
+            at.remove(0);
+        }
+        match at.join(", ") {
+            path if path.is_empty() => CampaignError::Schema(inner.to_string()),
+            path => CampaignError::Schema(format!("{path}: {inner}")),
+        }
+    })?;
+    deserializer.end().map_err(|e| CampaignError::Json(e.to_string()))?;
+    Ok(def)
+}
+
+/// The unsubscribe URL templates are rendered with when checked at creation.
+const SAMPLE_UNSUBSCRIBE_URL: &str = "https://example.com/unsubscribe/sample";
+
+/// A prospect with every template variable set: every text field, `external_id` and some
+/// metadata. What `campaigns preview --sample` renders, and one of the two prospects every
+/// template is rendered for when a campaign is created.
+#[must_use]
+pub fn sample_prospect(account: AccountId) -> Prospect {
+    let mut prospect = bare_prospect(account);
+    for name in TEXT_FIELDS {
+        let value = match name {
+            "display_name" => "Jane Doe",
+            "first_name" => "Jane",
+            "last_name" => "Doe",
+            "phone" => "+1 555 0100",
+            "address" => "1 Main Street",
+            "city" => "Springfield",
+            "state" => "OR",
+            "zip" => "97403",
+            "country" => "US",
+            "source" => "landing_page",
+            "utm_source" => "google",
+            "utm_medium" => "cpc",
+            "utm_campaign" => "spring_launch",
+            "utm_term" => "crm software",
+            "utm_content" => "hero_button",
+            other => other,
+        };
+        prospect.fields.set(name, Some(value.to_owned()));
+    }
+    prospect.external_id = ExternalId::parse("crm-1001").ok();
+    if let serde_json::Value::Object(metadata) = serde_json::json!({"plan": "trial", "company": {"name": "Acme"}}) {
+        prospect.metadata = metadata;
+    }
+    prospect
+}
+
+/// A prospect with nothing set but its address.
+fn bare_prospect(account: AccountId) -> Prospect {
+    let email = NormalizedEmail::parse("jane.doe@example.com").unwrap_or_else(|_| unreachable!("a valid address"));
+    Prospect::new(account, email, OffsetDateTime::UNIX_EPOCH)
 }
 
 /// A stored campaign.
@@ -358,10 +450,57 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_in_a_file_are_refused() {
-        assert!(matches!(
-            CampaignDefinition::parse(r#"{"name":"x","stepz":[]}"#),
-            Err(CampaignError::Json(_))
-        ));
+    fn unknown_fields_in_a_file_are_refused_by_name() {
+        let r = CampaignDefinition::parse(r#"{"name":"x","stepz":[]}"#);
+        assert!(matches!(&r, Err(CampaignError::Schema(m)) if m.contains("stepz")), "{r:?}");
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_is_named_with_its_step() {
+        let r = CampaignDefinition::parse(
+            r#"{"name":"x","steps":[{"delay_seconds":0,"subject":"a","body":"a"},{"delay_seconds":"soon","subject":"b","body":"b"}]}"#,
+        );
+        let Err(CampaignError::Schema(message)) = r else { panic!("{r:?}") };
+        assert!(message.starts_with("step 2, delay_seconds: invalid type"), "{message}");
+    }
+
+    #[test]
+    fn malformed_json_is_called_not_valid_json() {
+        let r = CampaignDefinition::parse(r#"{"name":"x","#);
+        assert!(matches!(r, Err(CampaignError::Json(_))), "{r:?}");
+    }
+
+    #[test]
+    fn an_unknown_filter_is_refused_at_creation_naming_the_step_and_field() {
+        let r = CampaignDefinition::parse(
+            r#"{"name":"x","steps":[{"delay_seconds":0,"subject":"a","body":"a"},{"delay_seconds":0,"subject":"x {{ first_name | nosuchfilter }}","body":"b"}]}"#,
+        );
+        let Err(CampaignError::Invalid(message)) = r else { panic!("{r:?}") };
+        assert!(message.starts_with("step 2: subject cannot be rendered"), "{message}");
+        assert!(message.contains("nosuchfilter"), "{message}");
+    }
+
+    #[test]
+    fn a_template_that_fails_only_for_a_prospect_without_values_is_refused_at_creation() {
+        // `length` of a missing value fails; the sample prospect has it, a bare one does not.
+        let r = CampaignDefinition::parse(r#"{"name":"x","steps":[{"delay_seconds":0,"subject":"s","body":"{{ metadata.company.name | length }}"}]}"#);
+        assert!(matches!(&r, Err(CampaignError::Invalid(m)) if m.starts_with("step 1: body cannot be rendered")), "{r:?}");
+    }
+
+    #[test]
+    fn an_unknown_function_is_refused_and_fallbacks_are_accepted() {
+        let r = CampaignDefinition::parse(r#"{"name":"x","steps":[{"delay_seconds":0,"subject":"s","body":"{{ unknown_fn() }}"}]}"#);
+        assert!(matches!(&r, Err(CampaignError::Invalid(m)) if m.starts_with("step 1: body cannot be rendered")), "{r:?}");
+        let ok = CampaignDefinition::parse(r#"{"name":"x","steps":[{"delay_seconds":0,"subject":"{{ first_name | default('there') | upper }}","body":"{{ metadata.company.name }}"}]}"#);
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn the_sample_prospect_sets_every_text_field() {
+        let p = sample_prospect(AccountId::new());
+        for name in TEXT_FIELDS {
+            assert!(p.fields.get(name).is_some_and(|v| !v.is_empty()), "{name}");
+        }
+        assert!(p.external_id.is_some());
     }
 }

@@ -12,7 +12,7 @@ mod rate_limit;
 mod send;
 mod unsubscribe;
 
-pub use campaign::{Campaign, CampaignDefinition, CampaignError, CampaignState, Pause, RenderedEmail, SendingChange, Step};
+pub use campaign::{sample_prospect, Campaign, CampaignDefinition, CampaignError, CampaignState, Pause, RenderedEmail, SendingChange, Step};
 pub use send::{ClaimOwner, SendKey, SendRecord, SendState};
 pub use unsubscribe::{InvalidToken, UnsubscribeSecret, WeakSecret};
 pub use email::{EmailError, NormalizedEmail};
