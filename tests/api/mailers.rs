@@ -246,12 +246,17 @@ async fn smtp_mailer_reports_an_unreachable_server_as_not_accepted() {
 /// model dump shows them: `{id, source, destinations, raw_data}`.
 async fn ses_sent_raw_messages(token: &str) -> Vec<Value> {
     let endpoint = required_env("AWS_ENDPOINT_URL");
-    let dump: Value = reqwest::get(format!("{endpoint}/moto-api/data.json"))
-        .await
-        .expect("moto model dump")
-        .json()
-        .await
-        .expect("moto model dump is JSON");
+    // The dump walks every model of the emulator while other tests change them, which now and
+    // then fails on the emulator's side: it is asked again.
+    let mut dump = Value::Null;
+    for _ in 0..5 {
+        let response = reqwest::get(format!("{endpoint}/moto-api/data.json")).await.expect("moto model dump");
+        if let Ok(value) = response.json::<Value>().await {
+            dump = value;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let messages = dump["ses"]["RawMessage"].as_array().expect("moto's dump lists SES raw messages");
     messages.iter().filter(|m| m["raw_data"].as_str().is_some_and(|raw| raw.contains(token))).cloned().collect()
 }
