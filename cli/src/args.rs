@@ -166,10 +166,14 @@ pub enum CampaignsCommand {
         account: AccountId,
     },
     /// Show one campaign: its steps and delays, whether it is active and the default.
-    Show { id: CampaignId },
+    Show {
+        /// The campaign's id.
+        id: CampaignId,
+    },
     /// Render every step for a prospect (default: a sample with every variable set) exactly
     /// as the sender would, unsubscribe link included; sends and records nothing.
     Preview {
+        /// The campaign's id.
         id: CampaignId,
         #[command(flatten)]
         by: PreviewSelector,

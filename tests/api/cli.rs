@@ -341,6 +341,10 @@ fn a_first_start_that_fails_creates_nothing() {
             .arg(&data)
             .args(["serve", "--addr", "127.0.0.1:0"])
             .env_remove("CADENHQ_BACKEND")
+            .env_remove("CADENHQ_MAILER")
+            .env_remove("CADENHQ_SMTP_URL")
+            .env_remove("CADENHQ_SENDER")
+            .env_remove("CADENHQ_UNSUBSCRIBE_SECRET")
             .envs(env.iter().copied())
             .output()
             .unwrap();
