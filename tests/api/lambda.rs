@@ -53,7 +53,7 @@ fn function_binary(name: &str) -> PathBuf {
     path
 }
 
-/// A function of `template.yaml`: its logical id, its `Binary` (the folder in `functions/`)
+/// A function of `template.yaml`: its logical id, its `BuildProperties.Binary` (the folder in `functions/`)
 /// and the names of the variables it sets.
 struct TemplateFunction {
     logical_id: String,
@@ -75,7 +75,10 @@ fn template_functions() -> Vec<TemplateFunction> {
                 .unwrap_or_default();
             TemplateFunction {
                 logical_id: id.as_str().unwrap().to_owned(),
-                binary: r["Metadata"]["Binary"].as_str().unwrap_or_else(|| panic!("{id:?} has no Metadata.Binary")).to_owned(),
+                binary: r["Metadata"]["BuildProperties"]["Binary"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{id:?} has no Metadata.BuildProperties.Binary"))
+                    .to_owned(),
                 variables,
             }
         })
