@@ -20,7 +20,7 @@ use shared::config::{
 use shared::domain::{ApiKey, ApiKeyRecord, CampaignDefinition, SystemClock};
 
 use crate::events::{EXPECTED, SQS_EVENTS};
-use crate::helpers::{create_table, emulator_sdk_config, CAMPAIGN_FILE};
+use crate::helpers::{create_queues, create_table, emulator_sdk_config, CAMPAIGN_FILE};
 
 /// How each `shared::config` reader called in a function's `main.rs` maps to the variables it reads.
 const READERS: [(&str, &[&str]); 4] = [
@@ -111,14 +111,7 @@ async fn emulated_environment() -> BTreeMap<&'static str, String> {
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     let table = format!("lambda-{suffix}");
     create_table(&sdk, &table).await;
-    let queue_url = aws_sdk_sqs::Client::new(&sdk)
-        .create_queue()
-        .queue_name(format!("lambda-{suffix}"))
-        .send()
-        .await
-        .expect("create queue")
-        .queue_url
-        .expect("queue url");
+    let queue_url = create_queues(&sdk, &format!("lambda-{suffix}")).await.url;
     let secret_arn = aws_sdk_secretsmanager::Client::new(&sdk)
         .create_secret()
         .name(format!("lambda-{suffix}"))

@@ -13,3 +13,4 @@ mod lambda;
 mod mailers;
 mod openapi;
 mod round_trips;
+mod template;
