@@ -368,3 +368,25 @@ fn the_claim_lease_outlasts_a_scheduler_invocation_and_ends_before_sqs_redeliver
     assert!(function_timeout < lease, "a claim outlives the invocation that made it ({function_timeout} s >= {lease} s)");
     assert!(lease < visibility_timeout, "a redelivered job finds its claim past the lease ({lease} s >= {visibility_timeout} s)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_rust_log_trace_a_function_prints_neither_the_key_nor_the_email_of_its_event() {
+    let values = emulated_environment().await;
+    let function = template_function("prospects-post");
+    let mut env: Vec<(&str, &str)> = function.variables.iter().map(|v| (v.as_str(), values[v.as_str()].as_str())).collect();
+    env.push(("RUST_LOG", "trace"));
+    let event = read_event("post-prospect-created");
+    let key = event["headers"]["x-cadenhq-key"].as_str().expect("the event's key").to_owned();
+    let body: Value = serde_json::from_str(event["body"].as_str().expect("a JSON body")).expect("a JSON body");
+    let email = body["email"].as_str().expect("the event's email").to_owned();
+
+    let (output, lines) = invoke("prospects-post", &env, &[event_path("post-prospect-created")], true);
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(lines[0]["payload"]["statusCode"], 201, "{}", lines[0]);
+    let logs = stderr(&output);
+    assert!(logs.contains(r#""name":"upsert""#), "RUST_LOG=trace is in effect: the upsert's debug span is logged: {logs}");
+    for secret in [key.as_str(), email.as_str(), &email.to_lowercase()] {
+        assert!(!logs.contains(secret), "the function's output carries {secret:?}");
+    }
+}
