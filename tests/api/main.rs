@@ -8,6 +8,7 @@ mod crash;
 mod events;
 mod hardening;
 mod helpers;
+mod iam;
 mod secrets;
 mod lambda;
 mod mailers;
