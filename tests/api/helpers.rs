@@ -15,12 +15,7 @@ use aws_sdk_sqs::operation::send_message::SendMessageInput;
 use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchInput;
 use aws_sdk_sqs::types::MessageAttributeValue;
 use futures::future::BoxFuture;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
-    ProjectionType, ScalarAttributeType,
-};
 use serde_json::Value;
-use shared::adapters::dynamodb::GSI1;
 use shared::adapters::sqlite::{drain_due_jobs, SqliteStore};
 use shared::adapters::sqs::handle_batch;
 use shared::admin;
@@ -390,32 +385,8 @@ pub async fn receive_all(sqs: &aws_sdk_sqs::Client, queue_url: &str) -> Vec<aws_
     }
 }
 
-/// Creates a table with the production schema (see template.yaml).
-pub async fn create_table(sdk: &aws_config::SdkConfig, name: &str) {
-    let client = aws_sdk_dynamodb::Client::new(sdk);
-    let attr = |n: &str| AttributeDefinition::builder().attribute_name(n).attribute_type(ScalarAttributeType::S).build().unwrap();
-    let key = |n: &str, t: KeyType| KeySchemaElement::builder().attribute_name(n).key_type(t).build().unwrap();
-    client
-        .create_table()
-        .table_name(name)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attr("pk"))
-        .attribute_definitions(attr("gsi1pk"))
-        .attribute_definitions(attr("gsi1sk"))
-        .key_schema(key("pk", KeyType::Hash))
-        .global_secondary_indexes(
-            GlobalSecondaryIndex::builder()
-                .index_name(GSI1)
-                .key_schema(key("gsi1pk", KeyType::Hash))
-                .key_schema(key("gsi1sk", KeyType::Range))
-                .projection(Projection::builder().projection_type(ProjectionType::All).build())
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .expect("create table in the emulator");
-}
+/// The table and queues are created from template.yaml's own definitions.
+pub use crate::template::{create_queues, create_table};
 
 impl TestApp {
     /// Spawns the app on `kind` with an account, its key and a default 3-step campaign.
@@ -432,7 +403,7 @@ impl TestApp {
                 let table = unique("prospects");
                 create_table(&sdk, &table).await;
                 let sqs = aws_sdk_sqs::Client::new(&sdk);
-                let queue_url = sqs.create_queue().queue_name(unique("jobs")).send().await.expect("create queue").queue_url.unwrap();
+                let queue_url = create_queues(&sdk, &unique("jobs")).await.url;
                 // Delays as SQS would give them, on the test's clock (see ModelSqsDelays).
                 let publishing = aws_sdk_sqs::Client::from_conf(
                     aws_sdk_sqs::config::Builder::from(&sdk).interceptor(ModelSqsDelays(clock.clone())).build(),

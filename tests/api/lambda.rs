@@ -20,7 +20,7 @@ use shared::config::{
 use shared::domain::{ApiKey, ApiKeyRecord, CampaignDefinition, SystemClock};
 
 use crate::events::{EXPECTED, SQS_EVENTS};
-use crate::helpers::{create_table, emulator_sdk_config, CAMPAIGN_FILE};
+use crate::helpers::{create_queues, create_table, emulator_sdk_config, CAMPAIGN_FILE};
 
 /// How each `shared::config` reader called in a function's `main.rs` maps to the variables it reads.
 const READERS: [(&str, &[&str]); 4] = [
@@ -53,7 +53,7 @@ fn function_binary(name: &str) -> PathBuf {
     path
 }
 
-/// A function of `template.yaml`: its logical id, its `Binary` (the folder in `functions/`)
+/// A function of `template.yaml`: its logical id, its `BuildProperties.Binary` (the folder in `functions/`)
 /// and the names of the variables it sets.
 struct TemplateFunction {
     logical_id: String,
@@ -75,7 +75,10 @@ fn template_functions() -> Vec<TemplateFunction> {
                 .unwrap_or_default();
             TemplateFunction {
                 logical_id: id.as_str().unwrap().to_owned(),
-                binary: r["Metadata"]["Binary"].as_str().unwrap_or_else(|| panic!("{id:?} has no Metadata.Binary")).to_owned(),
+                binary: r["Metadata"]["BuildProperties"]["Binary"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{id:?} has no Metadata.BuildProperties.Binary"))
+                    .to_owned(),
                 variables,
             }
         })
@@ -108,14 +111,7 @@ async fn emulated_environment() -> BTreeMap<&'static str, String> {
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     let table = format!("lambda-{suffix}");
     create_table(&sdk, &table).await;
-    let queue_url = aws_sdk_sqs::Client::new(&sdk)
-        .create_queue()
-        .queue_name(format!("lambda-{suffix}"))
-        .send()
-        .await
-        .expect("create queue")
-        .queue_url
-        .expect("queue url");
+    let queue_url = create_queues(&sdk, &format!("lambda-{suffix}")).await.url;
     let secret_arn = aws_sdk_secretsmanager::Client::new(&sdk)
         .create_secret()
         .name(format!("lambda-{suffix}"))
@@ -371,4 +367,26 @@ fn the_claim_lease_outlasts_a_scheduler_invocation_and_ends_before_sqs_redeliver
     let lease = shared::scheduler::CLAIM_LEASE.whole_seconds();
     assert!(function_timeout < lease, "a claim outlives the invocation that made it ({function_timeout} s >= {lease} s)");
     assert!(lease < visibility_timeout, "a redelivered job finds its claim past the lease ({lease} s >= {visibility_timeout} s)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_rust_log_trace_a_function_prints_neither_the_key_nor_the_email_of_its_event() {
+    let values = emulated_environment().await;
+    let function = template_function("prospects-post");
+    let mut env: Vec<(&str, &str)> = function.variables.iter().map(|v| (v.as_str(), values[v.as_str()].as_str())).collect();
+    env.push(("RUST_LOG", "trace"));
+    let event = read_event("post-prospect-created");
+    let key = event["headers"]["x-cadenhq-key"].as_str().expect("the event's key").to_owned();
+    let body: Value = serde_json::from_str(event["body"].as_str().expect("a JSON body")).expect("a JSON body");
+    let email = body["email"].as_str().expect("the event's email").to_owned();
+
+    let (output, lines) = invoke("prospects-post", &env, &[event_path("post-prospect-created")], true);
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(lines[0]["payload"]["statusCode"], 201, "{}", lines[0]);
+    let logs = stderr(&output);
+    assert!(logs.contains(r#""name":"upsert""#), "RUST_LOG=trace is in effect: the upsert's debug span is logged: {logs}");
+    for secret in [key.as_str(), email.as_str(), &email.to_lowercase()] {
+        assert!(!logs.contains(secret), "the function's output carries {secret:?}");
+    }
 }

@@ -19,7 +19,7 @@ use shared::adapters::sqs::handle_batch;
 use shared::scheduler::{DeliverySettings, Scheduler};
 use time::{Duration, OffsetDateTime};
 
-use crate::helpers::{create_table, emulator_sdk_config, test_secret, ModelSqsDelays, RecordingMailer, CAMPAIGN_FILE};
+use crate::helpers::{create_queues, create_table, emulator_sdk_config, test_secret, ModelSqsDelays, RecordingMailer, CAMPAIGN_FILE};
 
 /// The AWS calls made, as `Service.Operation`, in order.
 #[derive(Debug, Default)]
@@ -98,14 +98,7 @@ impl CountedApp {
         let table = format!("round-trips-{}", uuid::Uuid::new_v4().simple());
         create_table(&sdk, &table).await;
         let sqs = aws_sdk_sqs::Client::new(&sdk);
-        let queue_url = sqs
-            .create_queue()
-            .queue_name(format!("round-trips-{}", uuid::Uuid::new_v4().simple()))
-            .send()
-            .await
-            .expect("create queue")
-            .queue_url
-            .expect("queue url");
+        let queue_url = create_queues(&sdk, &format!("round-trips-{}", uuid::Uuid::new_v4().simple())).await.url;
 
         let calls = Arc::new(Calls::default());
         let dynamo_config = aws_sdk_dynamodb::config::Builder::from(&sdk).interceptor(CountCalls(calls.clone())).build();

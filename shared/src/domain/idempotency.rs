@@ -24,7 +24,7 @@ impl IdempotencyKey {
     /// # Errors
     /// [`InvalidIdempotencyKey`].
     pub fn parse(raw: &str) -> Result<Self, InvalidIdempotencyKey> {
-        if raw.is_empty() || raw.len() > IDEMPOTENCY_KEY_MAX_CHARS || !raw.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        if raw.is_empty() || raw.len() > IDEMPOTENCY_KEY_MAX_CHARS || !raw.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(InvalidIdempotencyKey);
         }
         Ok(Self(super::hex_lower(&Sha256::digest(raw.as_bytes()))))
@@ -78,6 +78,14 @@ mod tests {
         assert!(IdempotencyKey::parse(&"k".repeat(255)).is_ok());
         assert_eq!(IdempotencyKey::parse(&"k".repeat(256)), Err(InvalidIdempotencyKey));
         assert_eq!(IdempotencyKey::parse(""), Err(InvalidIdempotencyKey));
+    }
+
+    #[test]
+    fn keys_of_visible_ascii_only_are_accepted() {
+        assert!(IdempotencyKey::parse("!signup-7f3a9c~").is_ok());
+        for bad in ["signup 7f3a9c", " signup", "signup\t", "sign\u{7f}up", "signup-\u{e9}"] {
+            assert_eq!(IdempotencyKey::parse(bad), Err(InvalidIdempotencyKey), "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,578 @@
+//! Each function's IAM actions in `template.yaml` against the AWS calls its code can make, both
+//! ways: nothing missing, nothing extra. Three tables say what the code can call, and tests keep
+//! each of them honest:
+//!
+//! - [`ADAPTER_ACTIONS`]: the IAM actions each port method of the AWS adapters needs, from the
+//!   requests it sends (a `TransactWriteItems` needs the action of each item it holds, a
+//!   `SendMessageBatch` needs `sqs:SendMessage`, an SES v2 `SendEmail` with raw content needs
+//!   `ses:SendRawEmail` as well as `ses:SendEmail`).
+//! - [`FUNCTIONS`]: per function, what its `main.rs` wires (checked against the source) and the
+//!   port methods that wiring can call.
+//! - [`SQS_EVENT_SOURCE_ACTIONS`]: what Lambda's SQS poller does with the function's role.
+//!
+//! `template_iam_actions_are_exactly_what_each_function_can_call` compares the template (inline
+//! policy statements, and what SAM adds for each event: nothing on the role for `HttpApi`; a
+//! managed policy on every queue for `SQS`, which it refuses) with the tables, and checks every
+//! statement's resource. `each_function_calls_only_and_all_of_the_actions_its_rows_list` runs
+//! each function's wiring against the emulator through every path of its rows, with SDK clients
+//! whose interceptor records the IAM action of each request, and requires the actions recorded
+//! to be exactly the tables' (except the secret read, whose client `shared::config` builds
+//! itself: it runs against the emulator in `lambda.rs`). A port method added to a function
+//! without a row, a row left behind, or an adapter that starts sending another request fails
+//! one of them; a change of what the code calls is a change of rows, not of these tests.
+//! SAM's own `AWSLambdaBasicExecutionRole` (CloudWatch Logs) is the runtime's, not the code's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_dynamodb::error::BoxError;
+use serde_json::json;
+use serde_norway::Value;
+use shared::adapters::dynamodb::DynamoStore;
+use shared::adapters::ses::SesMailer;
+use shared::adapters::sqs::SqsQueue;
+use shared::admin;
+use shared::backend::Backend;
+use shared::domain::{CampaignDefinition, SystemClock};
+use shared::http::{router, Routes, KEY_HEADER};
+use shared::ports::Mailer;
+use shared::adapters::sqs::handle_batch;
+use shared::scheduler::{DeliverySettings, Scheduler};
+
+use crate::helpers::{create_queues, create_table, emulator_sdk_config, test_secret, MailFault, ModelSqsDelays, RecordingMailer, CAMPAIGN_FILE};
+use crate::template::{resource, template};
+
+/// The IAM actions each port method of the AWS adapters needs.
+const ADAPTER_ACTIONS: &[(&str, &[&str])] = &[
+    // DynamoStore (shared/src/adapters/dynamodb.rs)
+    ("ProspectRepository::upsert_context", &["dynamodb:BatchGetItem"]),
+    // A transaction of conditional Puts: the prospect and its pointers.
+    ("ProspectRepository::insert", &["dynamodb:PutItem"]),
+    // A conditional PutItem; with a new external_id, a transaction that also Deletes the old pointer.
+    ("ProspectRepository::update", &["dynamodb:PutItem", "dynamodb:DeleteItem"]),
+    // The pointer's GetItem, then the UpdateItem.
+    ("ProspectRepository::set_status", &["dynamodb:GetItem", "dynamodb:UpdateItem"]),
+    ("ProspectRepository::find", &["dynamodb:GetItem"]),
+    ("KeyStore::find_key", &["dynamodb:GetItem"]),
+    ("KeyStore::touch_key", &["dynamodb:UpdateItem"]),
+    // A conditional PutItem; GetItem when a failed condition does not return the old item.
+    ("IdempotencyStore::begin", &["dynamodb:PutItem", "dynamodb:GetItem"]),
+    ("IdempotencyStore::finish", &["dynamodb:UpdateItem"]),
+    ("IdempotencyStore::abandon", &["dynamodb:DeleteItem"]),
+    // DynamoRateLimiter: a conditional UpdateItem; GetItem when a failed condition does not
+    // return the old item.
+    ("RateLimiter::check", &["dynamodb:UpdateItem", "dynamodb:GetItem"]),
+    // One transaction: condition checks on the prospect and the campaign, the claim's Put;
+    // GetItem when a failed condition does not return the old record.
+    ("SendLog::claim_send", &["dynamodb:ConditionCheckItem", "dynamodb:PutItem", "dynamodb:GetItem"]),
+    // A conditional UpdateItem of the send record.
+    ("SendLog::record_send", &["dynamodb:UpdateItem"]),
+    ("SendLog::send_record", &["dynamodb:GetItem"]),
+    ("AdminStore::get_campaign", &["dynamodb:GetItem"]),
+    // SqsQueue (shared/src/adapters/sqs.rs): SendMessage, SendMessageBatch.
+    ("JobQueue::publish", &["sqs:SendMessage"]),
+    ("JobQueue::publish_batch", &["sqs:SendMessage"]),
+    // SesMailer (shared/src/adapters/ses.rs): SES v2 SendEmail with raw content.
+    ("Mailer::send", &["ses:SendEmail", "ses:SendRawEmail"]),
+    // shared::config: the unsubscribe signing secret, once per cold start.
+    ("unsubscribe_secret_from_aws", &["secretsmanager:GetSecretValue"]),
+];
+
+/// What Lambda's SQS event source mapping does with the function's role, on its queue
+/// (AWS Lambda Developer Guide, "Using Lambda with Amazon SQS": execution role permissions).
+const SQS_EVENT_SOURCE_ACTIONS: &[&str] = &["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"];
+
+/// The pieces of wiring a function's `main.rs` may use, as written there.
+const WIRING: &[&str] =
+    &["Routes::Upsert", "Routes::Status", "Routes::Unsubscribe", "QueueConfig::from_env", "unsubscribe_secret_from_aws", "SesMailer::from_sdk_config", "handle_batch"];
+
+/// A function: its `functions/` folder, what its `main.rs` wires, and the port methods that
+/// wiring can call.
+struct Function {
+    binary: &'static str,
+    wires: &'static [&'static str],
+    calls: &'static [&'static str],
+}
+
+/// The POST function: admission (key lookup, last use, rate limit, Idempotency-Key), then the upsert
+/// and its first campaign job.
+const POST_CALLS: &[&str] = &[
+    "KeyStore::find_key",
+    "KeyStore::touch_key",
+    "RateLimiter::check",
+    "IdempotencyStore::begin",
+    "IdempotencyStore::finish",
+    "IdempotencyStore::abandon",
+    "ProspectRepository::upsert_context",
+    "ProspectRepository::insert",
+    "ProspectRepository::update",
+    "JobQueue::publish",
+];
+
+/// The PATCH function: admission, then the status change.
+const PATCH_CALLS: &[&str] = &[
+    "KeyStore::find_key",
+    "KeyStore::touch_key",
+    "RateLimiter::check",
+    "IdempotencyStore::begin",
+    "IdempotencyStore::finish",
+    "IdempotencyStore::abandon",
+    "ProspectRepository::set_status",
+];
+
+const FUNCTIONS: &[Function] = &[
+    Function { binary: "prospects-post", wires: &["Routes::Upsert", "QueueConfig::from_env"], calls: POST_CALLS },
+    Function { binary: "prospects-patch", wires: &["Routes::Status"], calls: PATCH_CALLS },
+    Function {
+        binary: "unsubscribe",
+        wires: &["Routes::Unsubscribe", "unsubscribe_secret_from_aws"],
+        calls: &["ProspectRepository::set_status", "unsubscribe_secret_from_aws"],
+    },
+    Function {
+        binary: "scheduler",
+        wires: &["QueueConfig::from_env", "unsubscribe_secret_from_aws", "SesMailer::from_sdk_config", "handle_batch"],
+        calls: &[
+            "AdminStore::get_campaign",
+            "ProspectRepository::find",
+            "SendLog::claim_send",
+            "SendLog::record_send",
+            // A claim found past its lease whose claimant recorded its outcome meanwhile.
+            "SendLog::send_record",
+            // A rejected recipient: the prospect is marked bounced.
+            "ProspectRepository::set_status",
+            "JobQueue::publish",
+            "JobQueue::publish_batch",
+            "Mailer::send",
+            "unsubscribe_secret_from_aws",
+        ],
+    },
+];
+
+/// Methods whose requests the recording test cannot see (see the module documentation).
+const NOT_RECORDED: &[&str] = &["unsubscribe_secret_from_aws"];
+
+fn repo_root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn function_row(binary: &str) -> &'static Function {
+    FUNCTIONS.iter().find(|f| f.binary == binary).unwrap_or_else(|| panic!("{binary}: no row in FUNCTIONS"))
+}
+
+fn actions_of(methods: &[&str]) -> BTreeSet<String> {
+    methods
+        .iter()
+        .flat_map(|m| {
+            let (_, actions) = ADAPTER_ACTIONS.iter().find(|(name, _)| name == m).unwrap_or_else(|| panic!("{m}: no row in ADAPTER_ACTIONS"));
+            actions.iter().map(|a| (*a).to_owned())
+        })
+        .collect()
+}
+
+/// The template's functions: logical id and `BuildProperties.Binary`.
+fn template_functions() -> Vec<(String, String)> {
+    let resources = template()["Resources"].as_mapping().expect("Resources");
+    resources
+        .iter()
+        .filter(|(_, r)| r["Type"].as_str() == Some("AWS::Serverless::Function"))
+        .map(|(id, r)| {
+            let binary = r["Metadata"]["BuildProperties"]["Binary"].as_str().expect("BuildProperties.Binary");
+            (id.as_str().expect("logical id").to_owned(), binary.to_owned())
+        })
+        .collect()
+}
+
+/// `!Ref X` or `!GetAtt X.Y` as (tag, target).
+fn reference(value: &Value) -> Option<(String, String)> {
+    match value {
+        Value::Tagged(t) => Some((t.tag.to_string().trim_start_matches('!').to_owned(), t.value.as_str()?.to_owned())),
+        _ => None,
+    }
+}
+
+fn list(value: &Value) -> Vec<&Value> {
+    match value {
+        Value::Sequence(items) => items.iter().collect(),
+        Value::Null => Vec::new(),
+        one => vec![one],
+    }
+}
+
+/// The event source mappings of `logical_id` (their properties).
+fn event_source_mappings(logical_id: &str) -> Vec<&'static Value> {
+    let resources = template()["Resources"].as_mapping().expect("Resources");
+    resources
+        .values()
+        .filter(|r| r["Type"].as_str() == Some("AWS::Lambda::EventSourceMapping"))
+        .map(|r| &r["Properties"])
+        .filter(|p| reference(&p["FunctionName"]).is_some_and(|(_, target)| target == logical_id))
+        .collect()
+}
+
+/// The sender the SES identity scope is computed for in [`evaluate`].
+const SENDER_VALUE: &str = "Acme <hello@acme.example>";
+
+/// A CloudFormation value with the intrinsic functions the policies use evaluated, parameters
+/// from `params` and pseudo parameters as in account 123456789012, us-east-1.
+fn evaluate(value: &Value, params: &BTreeMap<&str, String>) -> Value {
+    let Value::Tagged(tagged) = value else { return value.clone() };
+    let tag = tagged.tag.to_string();
+    let arg = &tagged.value;
+    let text = |v: &Value| evaluate(v, params).as_str().unwrap_or_else(|| panic!("{tag}: expected a string in {v:?}")).to_owned();
+    let result = match tag.trim_start_matches('!') {
+        "Ref" => {
+            let name = arg.as_str().expect("!Ref name");
+            match name {
+                "AWS::Partition" => "aws".to_owned(),
+                "AWS::Region" => "us-east-1".to_owned(),
+                "AWS::AccountId" => "123456789012".to_owned(),
+                other => params.get(other).unwrap_or_else(|| panic!("!Ref {other}: not a parameter the test sets")).clone(),
+            }
+        }
+        "Sub" => {
+            let (format, vars) = match arg {
+                Value::Sequence(parts) => (parts[0].as_str().expect("!Sub format").to_owned(), Some(&parts[1])),
+                other => (other.as_str().expect("!Sub format").to_owned(), None),
+            };
+            let mut out = format;
+            for (name, v) in vars.and_then(Value::as_mapping).into_iter().flatten() {
+                out = out.replace(&format!("${{{}}}", name.as_str().expect("!Sub variable")), &text(v));
+            }
+            for (name, v) in params {
+                out = out.replace(&format!("${{{name}}}"), v);
+            }
+            for (name, v) in [("AWS::Partition", "aws"), ("AWS::Region", "us-east-1"), ("AWS::AccountId", "123456789012")] {
+                out = out.replace(&format!("${{{name}}}"), v);
+            }
+            assert!(!out.contains("${"), "!Sub: unresolved variable in {out}");
+            out
+        }
+        "Select" => {
+            let parts = arg.as_sequence().expect("!Select [index, list]");
+            let index = parts[0].as_u64().expect("!Select index") as usize;
+            let items = evaluate(&parts[1], params);
+            let items = items.as_sequence().expect("!Select list");
+            items.get(index).unwrap_or_else(|| panic!("!Select {index}: out of range in {items:?}")).as_str().expect("a string").to_owned()
+        }
+        "Split" => {
+            let parts = arg.as_sequence().expect("!Split [separator, string]");
+            let separator = parts[0].as_str().expect("!Split separator");
+            let split: Vec<Value> = text(&parts[1]).split(separator).map(|s| Value::String(s.to_owned())).collect();
+            return Value::Sequence(split);
+        }
+        other => panic!("!{other}: not evaluated by this test"),
+    };
+    Value::String(result)
+}
+
+/// The resources a statement of these actions may name: the template's own resource for the
+/// table, the queue and the secret; for SES, the sender's address identity and its domain's.
+fn expected_resources(service: &str) -> Vec<(String, String)> {
+    let r = |tag: &str, target: &str| (tag.to_owned(), target.to_owned());
+    match service {
+        "dynamodb" => vec![r("GetAtt", "ProspectsTable.Arn")],
+        "sqs" => vec![r("GetAtt", "CampaignJobsQueue.Arn")],
+        "secretsmanager" => vec![r("Ref", "UnsubscribeSecret")],
+        other => panic!("{other}: no resource is expected for it"),
+    }
+}
+
+#[test]
+fn template_iam_actions_are_exactly_what_each_function_can_call() {
+    let functions = template_functions();
+    let mut binaries: Vec<&str> = functions.iter().map(|(_, b)| b.as_str()).collect();
+    binaries.sort_unstable();
+    let mut rows: Vec<&str> = FUNCTIONS.iter().map(|f| f.binary).collect();
+    rows.sort_unstable();
+    assert_eq!(binaries, rows, "one FUNCTIONS row per template function");
+
+    for (logical_id, binary) in &functions {
+        let row = function_row(binary);
+        let main_rs = std::fs::read_to_string(repo_root().join("functions").join(binary).join("src/main.rs")).unwrap();
+        let wired: BTreeSet<&str> = WIRING.iter().copied().filter(|w| main_rs.contains(w)).collect();
+        assert_eq!(wired, row.wires.iter().copied().collect(), "{binary}: what main.rs wires vs its FUNCTIONS row");
+
+        let function = resource(logical_id);
+        let mut granted = BTreeSet::new();
+        for policy in list(&function["Properties"]["Policies"]) {
+            assert!(policy.is_mapping(), "{logical_id}: {policy:?}: only inline statements, whose actions this test can read");
+            for statement in list(&policy["Statement"]) {
+                let sid = statement["Sid"].as_str().unwrap_or("a statement");
+                assert_eq!(statement["Effect"].as_str(), Some("Allow"), "{logical_id} {sid}");
+                let actions: Vec<String> = list(&statement["Action"]).iter().map(|a| a.as_str().expect("an action").to_owned()).collect();
+                let services: BTreeSet<&str> = actions.iter().map(|a| a.split(':').next().unwrap_or_default()).collect();
+                assert_eq!(services.len(), 1, "{logical_id} {sid}: one service per statement");
+                let service = *services.first().unwrap();
+                let resources = list(&statement["Resource"]);
+                assert!(!resources.is_empty(), "{logical_id} {sid}: a resource");
+                if service == "ses" {
+                    let params = BTreeMap::from([("SenderAddress", SENDER_VALUE.to_owned())]);
+                    let arns: Vec<String> = resources.iter().map(|r| evaluate(r, &params).as_str().expect("an ARN").to_owned()).collect();
+                    assert_eq!(
+                        arns,
+                        [
+                            "arn:aws:ses:us-east-1:123456789012:identity/hello@acme.example",
+                            "arn:aws:ses:us-east-1:123456789012:identity/acme.example"
+                        ],
+                        "{logical_id} {sid}: only the configured sender's identity (its address or its domain)"
+                    );
+                } else {
+                    let named: Vec<(String, String)> =
+                        resources.iter().map(|r| reference(r).unwrap_or_else(|| panic!("{logical_id} {sid}: {r:?} is not a reference"))).collect();
+                    assert_eq!(named, expected_resources(service), "{logical_id} {sid}: resources");
+                }
+                granted.extend(actions);
+            }
+        }
+        for (name, event) in function["Properties"]["Events"].as_mapping().into_iter().flatten() {
+            match event["Type"].as_str() {
+                // SAM adds a resource policy letting API Gateway invoke the function: nothing on its role.
+                Some("HttpApi") => {}
+                Some("SQS") => panic!(
+                    "{logical_id} {name:?}: SAM's SQS event attaches AWSLambdaSQSQueueExecutionRole, on every queue; \
+                     use an AWS::Lambda::EventSourceMapping and grant its actions on the queue"
+                ),
+                other => panic!("{logical_id} {name:?}: what SAM grants for a {other:?} event is not known to this test"),
+            }
+        }
+
+        let mut needed = actions_of(row.calls);
+        for mapping in event_source_mappings(logical_id) {
+            assert_eq!(reference(&mapping["EventSourceArn"]), Some(("GetAtt".into(), "CampaignJobsQueue.Arn".into())), "{logical_id}");
+            needed.extend(SQS_EVENT_SOURCE_ACTIONS.iter().map(|a| (*a).to_owned()));
+        }
+        let missing: Vec<&String> = needed.difference(&granted).collect();
+        let extra: Vec<&String> = granted.difference(&needed).collect();
+        assert!(missing.is_empty() && extra.is_empty(), "{logical_id}: missing {missing:?}, extra {extra:?}");
+    }
+}
+
+#[test]
+fn the_scheduler_consumes_its_queue_through_a_mapping_with_the_batch_settings() {
+    let mappings = event_source_mappings("SchedulerFunction");
+    assert_eq!(mappings.len(), 1);
+    let m = mappings[0];
+    assert_eq!(m["BatchSize"].as_u64(), Some(10));
+    assert_eq!(m["MaximumBatchingWindowInSeconds"].as_u64(), Some(1));
+    assert_eq!(list(&m["FunctionResponseTypes"]), [&Value::String("ReportBatchItemFailures".into())]);
+}
+
+#[test]
+fn the_ses_scope_follows_the_sender_with_or_without_a_display_name() {
+    let function = resource("SchedulerFunction");
+    let statement = list(&function["Properties"]["Policies"])
+        .into_iter()
+        .flat_map(|p| list(&p["Statement"]))
+        .find(|s| list(&s["Action"]).iter().any(|a| a.as_str().is_some_and(|a| a.starts_with("ses:"))))
+        .expect("the SES statement");
+    for sender in ["hello@acme.example", "Acme <hello@acme.example>", "Acme Inc. <hello@mail.acme.example>"] {
+        let params = BTreeMap::from([("SenderAddress", sender.to_owned())]);
+        let arns: Vec<String> = list(&statement["Resource"]).iter().map(|r| evaluate(r, &params).as_str().unwrap().to_owned()).collect();
+        let domain = sender.rsplit('@').next().unwrap().trim_end_matches('>');
+        let address = format!("hello@{domain}");
+        let prefix = "arn:aws:ses:us-east-1:123456789012:identity";
+        assert_eq!(arns, [format!("{prefix}/{address}"), format!("{prefix}/{domain}")], "{sender}");
+    }
+}
+
+/// The IAM actions of the requests made, as the interceptor saw them.
+#[derive(Debug, Default)]
+struct Seen(Mutex<BTreeSet<String>>);
+
+impl Seen {
+    fn take(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+/// Records the IAM action(s) of each request once it is serialized: from `X-Amz-Target` for the
+/// AWS JSON protocol (DynamoDB, SQS), expanding a `TransactWriteItems` into its items' actions
+/// and SQS batches into their single-message actions; SES v2 by its path.
+#[derive(Debug)]
+struct RecordActions(Arc<Seen>);
+
+impl Intercept for RecordActions {
+    fn name(&self) -> &'static str {
+        "RecordActions"
+    }
+
+    fn read_after_serialization(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let request = context.request();
+        let body: serde_json::Value = request.body().bytes().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
+        let mut actions = Vec::new();
+        if let Some(target) = request.headers().get("x-amz-target") {
+            let (service, operation) = target.split_once('.').unwrap_or(("", target));
+            if service.starts_with("DynamoDB") {
+                if operation == "TransactWriteItems" {
+                    for item in body["TransactItems"].as_array().into_iter().flatten() {
+                        for (kind, action) in [("Put", "PutItem"), ("Delete", "DeleteItem"), ("Update", "UpdateItem"), ("ConditionCheck", "ConditionCheckItem")] {
+                            if item.get(kind).is_some() {
+                                actions.push(format!("dynamodb:{action}"));
+                            }
+                        }
+                    }
+                } else {
+                    actions.push(format!("dynamodb:{operation}"));
+                }
+            } else if service == "AmazonSQS" {
+                actions.push(format!("sqs:{}", operation.strip_suffix("Batch").unwrap_or(operation)));
+            } else {
+                actions.push(format!("unknown:{target}"));
+            }
+        } else if request.uri().ends_with("/v2/email/outbound-emails") {
+            actions.push("ses:SendEmail".to_owned());
+            if body["Content"].get("Raw").is_some() {
+                actions.push("ses:SendRawEmail".to_owned());
+            }
+        } else {
+            actions.push(format!("unknown:{}", request.uri()));
+        }
+        self.0 .0.lock().unwrap().extend(actions);
+        Ok(())
+    }
+}
+
+/// A key-authenticated request to `base`; returns the status.
+async fn request(http: &reqwest::Client, method: reqwest::Method, url: String, key: &str, idempotency: Option<&str>, body: serde_json::Value) -> u16 {
+    let mut request = http.request(method, url).header(KEY_HEADER, key).body(body.to_string());
+    if let Some(k) = idempotency {
+        request = request.header("Idempotency-Key", k);
+    }
+    request.send().await.expect("request reaches the app").status().as_u16()
+}
+
+/// Serves `routes` of `backend` on a loopback port; returns its base URL.
+async fn serve(backend: &Backend, routes: Routes) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let service = backend.service(Arc::new(SystemClock)).with_unsubscribe_secret(test_secret());
+    let app = router(service, routes);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_function_calls_only_and_all_of_the_actions_its_rows_list() {
+    let sdk = emulator_sdk_config().await;
+    let name = format!("iam-{}", uuid::Uuid::new_v4().simple());
+    create_table(&sdk, &name).await;
+    let queues = create_queues(&sdk, &name).await;
+    let seen = Arc::new(Seen::default());
+    let dynamo = aws_sdk_dynamodb::Client::from_conf(aws_sdk_dynamodb::config::Builder::from(&sdk).interceptor(RecordActions(seen.clone())).build());
+    let sqs = aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(&sdk).interceptor(RecordActions(seen.clone())).build());
+    let ses = aws_sdk_sesv2::Client::from_conf(aws_sdk_sesv2::config::Builder::from(&sdk).interceptor(RecordActions(seen.clone())).build());
+    let plain_sqs = aws_sdk_sqs::Client::new(&sdk);
+    let backend = Backend::aws_with_clients(dynamo.clone(), &name, Some((sqs.clone(), &queues.url)));
+    let account = admin::create_account(backend.admin.as_ref(), "IAM", &SystemClock).await.unwrap();
+    let (_, key) = admin::create_key(backend.admin.as_ref(), account.id, None, &SystemClock).await.unwrap();
+    let key = key.expose().to_owned();
+    admin::create_campaign(backend.admin.as_ref(), account.id, CampaignDefinition::parse(CAMPAIGN_FILE).unwrap(), true, &SystemClock)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let mut recorded: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+
+    // prospects-post: new, changed, a new external_id (pointer moved), an Idempotency-Key kept,
+    // and one freed after a 5xx (the queue is gone).
+    seen.take();
+    let base = serve(&backend, Routes::Upsert).await;
+    let post = |email: &str, extra: serde_json::Value| {
+        let mut body = json!({"email": email});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let url = format!("{base}/api/v1/prospects");
+    assert_eq!(request(&http, reqwest::Method::POST, url.clone(), &key, Some("post-1"), post("ada@example.com", json!({"external_id": "crm-1"}))).await, 201);
+    assert_eq!(request(&http, reqwest::Method::POST, url.clone(), &key, None, post("ada@example.com", json!({"first_name": "Ada"}))).await, 200);
+    assert_eq!(request(&http, reqwest::Method::POST, url.clone(), &key, None, post("ada@example.com", json!({"external_id": "crm-2"}))).await, 200);
+    let gone = SqsQueue::new(sqs.clone(), format!("{}-gone", queues.url));
+    let broken = serve(&Backend { queue: Some(Arc::new(gone)), ..backend.clone() }, Routes::Upsert).await;
+    let status = request(&http, reqwest::Method::POST, format!("{broken}/api/v1/prospects"), &key, Some("post-2"), post("bob@example.com", json!({}))).await;
+    assert!(status >= 500, "{status}");
+    recorded.insert("prospects-post", seen.take());
+
+    // prospects-patch: by id and by external_id with an Idempotency-Key, and one freed after a
+    // 5xx (the prospect table is gone for the status write).
+    let prospect = backend.repo.find(account.id, &crate::helpers::by_email("ada@example.com")).await.unwrap().expect("the prospect");
+    seen.take();
+    let base = serve(&backend, Routes::Status).await;
+    let converted = json!({"status": "converted"});
+    assert_eq!(request(&http, reqwest::Method::PATCH, format!("{base}/api/v1/prospects/{}", prospect.id), &key, Some("patch-1"), converted.clone()).await, 200);
+    assert_eq!(request(&http, reqwest::Method::PATCH, format!("{base}/api/v1/prospects/external/crm-2"), &key, None, json!({"status": "new"})).await, 200);
+    let broken = serve(&Backend { repo: Arc::new(DynamoStore::new(dynamo.clone(), format!("{name}-gone"))), ..backend.clone() }, Routes::Status).await;
+    let status = request(&http, reqwest::Method::PATCH, format!("{broken}/api/v1/prospects/{}", prospect.id), &key, Some("patch-2"), converted).await;
+    assert!(status >= 500, "{status}");
+    recorded.insert("prospects-patch", seen.take());
+
+    // unsubscribe: the confirmation page and the one-click POST of a signed link.
+    let token = test_secret().sign(account.id, prospect.id);
+    seen.take();
+    let base = serve(&backend, Routes::Unsubscribe).await;
+    assert_eq!(http.get(format!("{base}/unsubscribe/{token}")).send().await.unwrap().status(), 200);
+    assert_eq!(http.post(format!("{base}/unsubscribe/{token}")).send().await.unwrap().status(), 200);
+    recorded.insert("unsubscribe", seen.take());
+
+    // scheduler: jobs of new prospects sent through SES, sent, not accepted (retry recorded and
+    // published), rejected (prospect bounced), and a follow-up not yet due.
+    for (n, email) in ["s1@example.com", "s2@example.com", "s3@example.com", "s4@example.com"].iter().enumerate() {
+        let status = request(&http, reqwest::Method::POST, url.clone(), &key, None, json!({"email": email})).await;
+        assert_eq!(status, 201, "prospect {n}");
+    }
+    // The four first steps (the first prospect's job, of an enrollment that ended, is left out).
+    let messages: Vec<_> = crate::helpers::receive_all(&plain_sqs, &queues.url)
+        .await
+        .into_iter()
+        .filter(|m| !m.body().unwrap_or_default().contains(&prospect.id.to_string()))
+        .collect();
+    assert_eq!(messages.len(), 4);
+    seen.take();
+    let settings = || DeliverySettings { sender: "Acme <hello@acme.example>".into(), public_url: "https://api.acme.example".into(), unsubscribe_secret: test_secret() };
+    let ses_mailer: Arc<dyn Mailer> = Arc::new(SesMailer::new(ses));
+    let recording = Arc::new(RecordingMailer::default());
+    // Follow-ups come back at once (their delays kept aside), so one not yet due can be handed over.
+    let undelayed = aws_sdk_sqs::Client::from_conf(sqs.config().to_builder().interceptor(ModelSqsDelays(Arc::new(SystemClock))).build());
+    let immediate = Backend { queue: Some(Arc::new(SqsQueue::new(undelayed, &queues.url))), ..backend.clone() };
+    let through_ses = Scheduler::new(immediate.scheduler_ports(ses_mailer, Arc::new(SystemClock)).unwrap(), settings());
+    let through_recording = Scheduler::new(immediate.scheduler_ports(recording.clone(), Arc::new(SystemClock)).unwrap(), settings());
+    let event = |from: &[aws_sdk_sqs::types::Message]| {
+        let mut event = aws_lambda_events::event::sqs::SqsEvent::default();
+        for m in from {
+            let mut record = aws_lambda_events::event::sqs::SqsMessage::default();
+            record.message_id = m.message_id.clone();
+            record.body = m.body.clone();
+            event.records.push(record);
+        }
+        event
+    };
+    handle_batch(&through_ses, event(&messages[0..1])).await;
+    handle_batch(&through_recording, event(&messages[1..2])).await;
+    recording.fail_next(MailFault::NotAccepted);
+    handle_batch(&through_recording, event(&messages[2..3])).await;
+    recording.fail_next(MailFault::Reject);
+    handle_batch(&through_recording, event(&messages[3..4])).await;
+    let follow_ups = crate::helpers::receive_all(&plain_sqs, &queues.url).await;
+    assert!(!follow_ups.is_empty(), "next steps and the retry were published");
+    handle_batch(&through_recording, event(&follow_ups[0..1])).await;
+    recorded.insert("scheduler", seen.take());
+
+    for row in FUNCTIONS {
+        let actions = &recorded[row.binary];
+        assert!(!actions.iter().any(|a| a.starts_with("unknown:")), "{}: {actions:?}", row.binary);
+        let recordable: Vec<&str> = row.calls.iter().copied().filter(|m| !NOT_RECORDED.contains(m)).collect();
+        let listed = actions_of(&recordable);
+        // A row's action that only a path the emulator does not take needs (see the rows'
+        // comments) is seen here through another call of the same function.
+        let can_call = actions_of(row.calls);
+        let missing: Vec<&String> = actions.difference(&can_call).collect();
+        let unseen: Vec<&String> = listed.difference(actions).collect();
+        assert!(missing.is_empty() && unseen.is_empty(), "{}: called but not in its rows {missing:?}; in its rows but never called {unseen:?}", row.binary);
+    }
+}
