@@ -388,6 +388,32 @@ impl Campaign {
 mod tests {
     use super::*;
 
+    fn three_steps(now: OffsetDateTime) -> Campaign {
+        let def = CampaignDefinition {
+            name: "c".into(),
+            steps: [0, 600, 259_200].map(|d| Step { delay_seconds: d, subject: "s".into(), body: "b".into() }).to_vec(),
+        };
+        Campaign::new(AccountId::new(), def, now)
+    }
+
+    #[test]
+    fn a_pause_shifts_the_steps_it_held_back_by_its_length_and_no_others() {
+        let t0 = OffsetDateTime::UNIX_EPOCH;
+        let mut c = three_steps(t0);
+        c.apply(SendingChange::Pause, t0 + Duration::minutes(1)).unwrap();
+        assert_eq!(c.state(), CampaignState::Paused);
+        assert_eq!(c.due_with_pauses(t0, 1), None, "nothing is due while paused");
+        c.apply(SendingChange::Resume, t0 + Duration::minutes(4)).unwrap();
+
+        assert_eq!(c.due_with_pauses(t0, 0), Some(t0), "due before the pause: unchanged");
+        assert_eq!(c.due_with_pauses(t0, 1), Some(t0 + Duration::minutes(13)));
+        assert_eq!(c.sending_version, 2);
+        assert!(c.apply(SendingChange::Resume, t0).is_err(), "not paused");
+        c.apply(SendingChange::Deactivate, t0).unwrap();
+        assert_eq!(c.state(), CampaignState::Inactive);
+        assert!(c.apply(SendingChange::Pause, t0).is_err(), "deactivated");
+    }
+
     #[test]
     fn a_valid_file_parses() {
         let def = CampaignDefinition::parse(

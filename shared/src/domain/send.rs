@@ -105,12 +105,6 @@ impl SendState {
         }
     }
 
-    /// Whether the step is over: nothing will ever send it again.
-    #[must_use]
-    pub fn is_final(&self) -> bool {
-        !matches!(self, Self::Claimed { .. } | Self::RetryScheduled { .. })
-    }
-
     /// Rebuilds a state from its stored parts: name, owner, detail, attempt and retry time.
     ///
     /// # Errors
