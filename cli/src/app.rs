@@ -8,7 +8,7 @@ use shared::admin::{self, AdminError};
 use shared::backend::Backend;
 use shared::config::{aws_sdk_config, unsubscribe_secret_from_aws, ConfigError, TableConfig, QUEUE_URL, SENDER, UNSUBSCRIBE_SECRET, UNSUBSCRIBE_SECRET_ARN};
 use shared::domain::{
-    sample_prospect, Account, ApiKeyRecord, Campaign, CampaignDefinition, ExternalId, NormalizedEmail, Prospect, RateLimit, SendingChange, SystemClock,
+    sample_prospect, Account, ApiKeyRecord, SendRecord, Campaign, CampaignDefinition, ExternalId, NormalizedEmail, Prospect, RateLimit, SendingChange, SystemClock,
     UnsubscribeSecret,
 };
 use shared::ports::{ProspectRef, StoreError};
@@ -245,7 +245,8 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             };
             let prospect = backend.repo.find(account, &reference).await?.ok_or_else(|| AppError::Usage("prospect not found".into()))?;
             let completions = backend.completions(&prospect).await?;
-            let value = prospect_json(&prospect, &completions);
+            let steps = backend.send_records(&prospect).await?;
+            let value = prospect_json(&prospect, &completions, &steps);
             let text = serde_json::to_string_pretty(&value).unwrap_or_default();
             emit(j, &value, &text)?;
         }
@@ -253,7 +254,6 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
     Ok(())
 }
 
-/// Whether a campaign takes new enrollments.
 /// A campaign's state, padded to one width for the text listings.
 fn state(c: &Campaign) -> String {
     format!("{:<8}", c.state().as_str())
@@ -420,14 +420,23 @@ fn preview(j: bool, campaign: &Campaign, (prospect, sample): (&Prospect, bool), 
     }
 }
 
-fn prospect_json(p: &Prospect, completions: &[Option<time::OffsetDateTime>]) -> Value {
+fn prospect_json(p: &Prospect, completions: &[Option<time::OffsetDateTime>], steps: &[Vec<Option<SendRecord>>]) -> Value {
+    let step_json = |(i, record): (usize, &Option<SendRecord>)| match record {
+        None => json!({ "step": i, "state": "pending" }),
+        Some(r) => json!({
+            "step": i, "state": r.state.name(), "detail": r.state.detail(), "attempts": r.attempts,
+            "claimed_at": rfc3339(r.claimed_at), "updated_at": rfc3339(r.updated_at),
+        }),
+    };
     let enrollments: Vec<Value> = p
         .enrollments
         .iter()
         .zip(completions)
-        .map(|(e, completed_at)| json!({
+        .zip(steps)
+        .map(|((e, completed_at), steps)| json!({
             "enrollment_id": e.id, "campaign_id": e.campaign_id, "enrolled_at": rfc3339(e.enrolled_at),
             "completed_at": completed_at.map(rfc3339), "active": p.is_active(e) && completed_at.is_none(),
+            "steps": steps.iter().enumerate().map(step_json).collect::<Vec<_>>(),
         }))
         .collect();
     json!({

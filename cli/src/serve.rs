@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use shared::adapters::smtp::SmtpMailer;
-use shared::adapters::sqlite::{drain_due_jobs, SqliteStore};
+use shared::adapters::sqlite::{drain_due_jobs, SqliteStore, DRAIN_BATCH};
 use shared::admin::{self, Demo};
 use shared::backend::Backend;
 use shared::config::{aws_sdk_config, TableConfig, MAILER, QUEUE_URL, SENDER, SMTP_URL, UNSUBSCRIBE_SECRET};
@@ -24,7 +24,7 @@ use crate::app::AppError;
 use crate::args::BackendKind;
 use crate::output;
 
-/// How often the embedded scheduler looks for due jobs.
+/// How often the embedded scheduler looks for due jobs when none were waiting.
 const SCHEDULER_TICK: Duration = Duration::from_secs(1);
 /// File in the data directory holding the generated unsubscribe secret.
 const SECRET_FILE: &str = "unsubscribe.secret";
@@ -261,11 +261,20 @@ pub async fn serve(options: Serve<'_>) -> Result<(), AppError> {
 /// The embedded scheduler loop: every tick, handle the jobs that are due.
 async fn run_scheduler(scheduler: Scheduler, queue: Arc<dyn PullQueue>, mut stop: watch::Receiver<bool>) {
     loop {
-        if let Err(e) = drain_due_jobs(&scheduler, queue.as_ref()).await {
-            tracing::warn!(error = %e, "scheduler pass failed; retrying next tick");
+        // A full pass means more jobs may be due: the next one starts at once.
+        let pause = match drain_due_jobs(&scheduler, queue.as_ref()).await {
+            Ok(taken) if taken >= DRAIN_BATCH as usize => Duration::ZERO,
+            Ok(_) => SCHEDULER_TICK,
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler pass failed; retrying next tick");
+                SCHEDULER_TICK
+            }
+        };
+        if *stop.borrow() {
+            return;
         }
         tokio::select! {
-            () = tokio::time::sleep(SCHEDULER_TICK) => {}
+            () = tokio::time::sleep(pause) => {}
             _ = stop.changed() => return,
         }
     }

@@ -39,6 +39,24 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// The send record of every step of every enrollment of `prospect` (`None` for a step never
+    /// claimed), in the order of `prospect.enrollments`: where each email stands.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    pub async fn send_records(&self, prospect: &Prospect) -> Result<Vec<Vec<Option<crate::domain::SendRecord>>>, StoreError> {
+        let mut all = Vec::with_capacity(prospect.enrollments.len());
+        for enrollment in &prospect.enrollments {
+            let steps = self.admin.get_campaign(enrollment.campaign_id).await?.map_or(0, |c| c.steps.len());
+            let mut records = Vec::with_capacity(steps);
+            for step in (0..steps).filter_map(|s| u32::try_from(s).ok()) {
+                records.push(self.sends.send_record(SendKey { enrollment: enrollment.id, step }).await?);
+            }
+            all.push(records);
+        }
+        Ok(all)
+    }
+
     /// When each enrollment of `prospect` completed its campaign, in the order of
     /// `prospect.enrollments`: the time its last step was sent (or found unknown, which is
     /// never resent); `None` while it has steps to go, or when its last step was skipped.
