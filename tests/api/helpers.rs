@@ -365,7 +365,8 @@ pub fn by_email(email: &str) -> ProspectRef {
     ProspectRef::Email(shared::domain::NormalizedEmail::parse(email).unwrap())
 }
 
-/// Receives every visible message of an SQS queue, hiding them for five minutes.
+/// Receives every visible message of an SQS queue with its attributes, hiding them for five
+/// minutes.
 pub async fn receive_all(sqs: &aws_sdk_sqs::Client, queue_url: &str) -> Vec<aws_sdk_sqs::types::Message> {
     let mut all = Vec::new();
     loop {
@@ -374,6 +375,7 @@ pub async fn receive_all(sqs: &aws_sdk_sqs::Client, queue_url: &str) -> Vec<aws_
             .queue_url(queue_url)
             .max_number_of_messages(10)
             .visibility_timeout(300)
+            .message_attribute_names("All")
             .send()
             .await
             .expect("receive messages");
@@ -700,7 +702,7 @@ impl TestApp {
     /// AWS: moves every message of the emulator's queue into the pending list.
     async fn pull_from_emulator(&self) {
         let aws = self.aws.as_ref().expect("aws resources");
-        for m in self.receive_all_with_attributes().await {
+        for m in receive_all(&aws.sqs, &aws.queue_url).await {
             let visible_at = m
                 .message_attributes()
                 .and_then(|a| a.get(VISIBLE_AT))
@@ -710,28 +712,6 @@ impl TestApp {
             aws.sqs.delete_message().queue_url(&aws.queue_url).receipt_handle(m.receipt_handle().unwrap_or_default()).send().await.unwrap();
             let pending = Pending { visible_at, id: m.message_id().unwrap_or_default().to_owned(), body: m.body().unwrap_or_default().to_owned() };
             self.pending.lock().unwrap().push(pending);
-        }
-    }
-
-    async fn receive_all_with_attributes(&self) -> Vec<aws_sdk_sqs::types::Message> {
-        let aws = self.aws.as_ref().expect("aws resources");
-        let mut all = Vec::new();
-        loop {
-            let out = aws
-                .sqs
-                .receive_message()
-                .queue_url(&aws.queue_url)
-                .max_number_of_messages(10)
-                .visibility_timeout(300)
-                .message_attribute_names("All")
-                .send()
-                .await
-                .expect("receive messages");
-            let messages = out.messages.unwrap_or_default();
-            if messages.is_empty() {
-                return all;
-            }
-            all.extend(messages);
         }
     }
 }
