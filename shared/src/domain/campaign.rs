@@ -353,7 +353,7 @@ impl Campaign {
     pub fn due_with_pauses(&self, enrolled_at: OffsetDateTime, step: u32) -> Option<OffsetDateTime> {
         let mut due = self.due_at(enrolled_at, step)?;
         for pause in &self.pauses {
-            let Some(until) = pause.until else { return None };
+            let until = pause.until?;
             if due > pause.from {
                 due += until - pause.from;
             }
