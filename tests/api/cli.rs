@@ -219,6 +219,22 @@ async fn serve_prints_a_working_key_on_first_start_and_keeps_data_across_restart
     assert!(str_of(email, "text_body").contains(unsubscribe));
     let text = String::from_utf8(cadenhq(dir.path(), &["outbox", "list"]).stdout).unwrap();
     assert!(text.contains("Welcome, Jane!"), "{text}");
+    // What was sent is what is shown: the exact MIME message, headers included.
+    let headers: Vec<(String, String)> = serde_json::from_value(email["headers"].clone()).expect("headers as name/value pairs");
+    let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    assert_eq!(header("List-Unsubscribe"), Some(format!("<{unsubscribe}>")));
+    assert_eq!(header("List-Unsubscribe-Post").as_deref(), Some("List-Unsubscribe=One-Click"));
+    let message_id = str_of(email, "message_id");
+    assert_eq!(header("Message-ID"), Some(format!("<{message_id}>")));
+    let id = email["id"].as_i64().expect("outbox id").to_string();
+    let raw = String::from_utf8(cadenhq(dir.path(), &["outbox", "show", &id, "--raw"]).stdout).unwrap();
+    assert!(raw.starts_with("From: "), "{raw}");
+    assert!(raw.contains(&format!("\r\nMessage-ID: <{message_id}>\r\n")), "{raw}");
+    assert!(raw.contains("\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"), "{raw}");
+    assert!(raw.contains("Content-Type: multipart/alternative;"), "{raw}");
+    let missing = cadenhq(dir.path(), &["outbox", "show", "999999"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no email #999999"), "{missing:?}");
     interrupt_and_wait(child);
 
     let (child, url, printed) = start_server(dir.path());
