@@ -83,8 +83,6 @@ pub enum JobError {
     Store(#[from] StoreError),
     #[error("the status change failed")]
     Status(#[source] ServiceError),
-    #[error("sending failed {0} times")]
-    Exhausted(u32),
     #[error("malformed job: {0}")]
     Malformed(String),
 }
@@ -210,7 +208,7 @@ impl Scheduler {
     ///
     /// # Errors
     /// [`JobError::Store`] when storage or the queue failed (the job should be retried);
-    /// [`JobError::Exhausted`] when the provider refused too many attempts.
+    /// [`JobError::Status`] when the bounce of a rejected address could not be written.
     pub async fn process(&self, job: &CampaignJob) -> Result<Outcome, JobError> {
         let handled = self.handle(job).await?;
         if let Some((next, visible_at)) = &handled.publish {
@@ -392,10 +390,10 @@ impl Scheduler {
             Err(MailError::NotAccepted(e)) => {
                 let attempt = job.attempt + 1;
                 if attempt >= MAX_SEND_ATTEMPTS {
-                    warn!(error = %e, attempt, "the provider refused every attempt; giving up on this step");
+                    warn!(error = %e, attempt, "the provider refused every attempt: the step is skipped");
                     let reason = format!("the provider did not take the email in {attempt} attempts: {e}");
                     record(SendState::Skipped { reason }).await?;
-                    return Err(JobError::Exhausted(attempt));
+                    return Ok(cx.advance(Outcome::Skipped));
                 }
                 let retry_at = now + FIRST_BACKOFF * 2_i32.pow(job.attempt.min(10));
                 warn!(error = %e, attempt, "the provider did not take the email; retrying with backoff");

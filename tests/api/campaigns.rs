@@ -35,6 +35,7 @@ contract_tests!(
     a_failed_bounce_write_is_completed_by_the_redelivery,
     an_unknown_provider_answer_is_recorded_and_never_resent,
     a_step_that_cannot_be_rendered_is_recorded_as_skipped,
+    a_step_the_provider_never_takes_is_skipped_after_eight_attempts,
     pausing_holds_every_step_and_resuming_shifts_the_rest,
     deactivating_a_campaign_ends_its_enrollments,
     a_three_day_step_is_requeued_as_often_as_the_queue_needs,
@@ -178,6 +179,27 @@ async fn a_step_that_cannot_be_rendered_is_recorded_as_skipped(kind: Kind) {
     let first = app.send_record("sid@example.com", 0).await.unwrap();
     assert_eq!(first.state.name(), "skipped");
     assert!(first.state.detail().unwrap().contains("render"), "{first:?}");
+}
+
+async fn a_step_the_provider_never_takes_is_skipped_after_eight_attempts(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    app.post(&json!({"email": "ned@example.com"})).await;
+    for _ in 0..shared::scheduler::MAX_SEND_ATTEMPTS {
+        app.mailer.fail_next(MailFault::NotAccepted);
+    }
+
+    app.tick(1).await;
+    for attempt in 0..shared::scheduler::MAX_SEND_ATTEMPTS - 1 {
+        assert_eq!(app.send_states("ned@example.com", 1).await, ["retry_scheduled"], "after attempt {attempt}");
+        app.clock.advance(shared::scheduler::FIRST_BACKOFF * 2_i32.pow(attempt));
+        app.tick(1).await;
+    }
+    let first = app.send_record("ned@example.com", 0).await.unwrap();
+    assert_eq!((first.state.name(), first.attempts), ("skipped", 8));
+    assert!(first.state.detail().unwrap().contains("8 attempts"), "{first:?}");
+    deliver_the_rest(&app).await;
+
+    assert_eq!(app.mailer.subjects(), ["Tips", "Last call"], "the enrollment goes on");
 }
 
 async fn pausing_holds_every_step_and_resuming_shifts_the_rest(kind: Kind) {

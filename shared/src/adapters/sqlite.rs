@@ -676,7 +676,7 @@ async fn handle_leased(scheduler: &crate::scheduler::Scheduler, queue: &dyn Pull
     use crate::scheduler::JobError;
     match scheduler.process_message(&job.body).await {
         Ok(_) => queue.ack(job.id).await,
-        Err(e @ (JobError::Malformed(_) | JobError::Exhausted(_))) => {
+        Err(e @ JobError::Malformed(_)) => {
             tracing::warn!(job_id = job.id, error = %e, "campaign job dead-lettered");
             queue.dead_letter(job.id, e.to_string()).await
         }
