@@ -244,9 +244,8 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
                 ProspectRef::ExternalId(ExternalId::parse(&raw).map_err(|e| AppError::Usage(e.to_string()))?)
             };
             let prospect = backend.repo.find(account, &reference).await?.ok_or_else(|| AppError::Usage("prospect not found".into()))?;
-            let completions = backend.completions(&prospect).await?;
             let steps = backend.send_records(&prospect).await?;
-            let value = prospect_json(&prospect, &completions, &steps);
+            let value = prospect_json(&prospect, &steps);
             let text = serde_json::to_string_pretty(&value).unwrap_or_default();
             emit(j, &value, &text)?;
         }
@@ -420,7 +419,7 @@ fn preview(j: bool, campaign: &Campaign, (prospect, sample): (&Prospect, bool), 
     }
 }
 
-fn prospect_json(p: &Prospect, completions: &[Option<time::OffsetDateTime>], steps: &[Vec<Option<SendRecord>>]) -> Value {
+fn prospect_json(p: &Prospect, steps: &[Vec<Option<SendRecord>>]) -> Value {
     let step_json = |(i, record): (usize, &Option<SendRecord>)| match record {
         None => json!({ "step": i, "state": "pending" }),
         Some(r) => json!({
@@ -431,9 +430,9 @@ fn prospect_json(p: &Prospect, completions: &[Option<time::OffsetDateTime>], ste
     let enrollments: Vec<Value> = p
         .enrollments
         .iter()
-        .zip(completions)
         .zip(steps)
-        .map(|((e, completed_at), steps)| json!({
+        .map(|(e, steps)| (e, steps, shared::backend::completed_at(steps)))
+        .map(|(e, steps, completed_at)| json!({
             "enrollment_id": e.id, "campaign_id": e.campaign_id, "enrolled_at": rfc3339(e.enrolled_at),
             "completed_at": completed_at.map(rfc3339), "active": p.is_active(e) && completed_at.is_none(),
             "steps": steps.iter().enumerate().map(step_json).collect::<Vec<_>>(),

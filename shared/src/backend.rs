@@ -20,6 +20,18 @@ use crate::service::{ProspectService, ServicePorts};
 /// this time (promised: within 60 seconds).
 pub const LAMBDA_KEY_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// When an enrollment whose steps' records are `steps` completed its campaign: the time its
+/// last step was sent (or found unknown, which is never resent); `None` while it has steps to
+/// go, or when its last step was skipped.
+#[must_use]
+pub fn completed_at(steps: &[Option<crate::domain::SendRecord>]) -> Option<time::OffsetDateTime> {
+    steps
+        .last()?
+        .as_ref()
+        .filter(|r| matches!(r.state, SendState::Sent { .. } | SendState::Unknown { .. }))
+        .map(|r| r.updated_at)
+}
+
 /// The ports of one backend.
 #[derive(Clone)]
 pub struct Backend {
@@ -58,27 +70,12 @@ impl Backend {
     }
 
     /// When each enrollment of `prospect` completed its campaign, in the order of
-    /// `prospect.enrollments`: the time its last step was sent (or found unknown, which is
-    /// never resent); `None` while it has steps to go, or when its last step was skipped.
+    /// `prospect.enrollments` (see [`completed_at`]).
     ///
     /// # Errors
     /// [`StoreError`] on a backend failure.
     pub async fn completions(&self, prospect: &Prospect) -> Result<Vec<Option<time::OffsetDateTime>>, StoreError> {
-        let mut completions = Vec::with_capacity(prospect.enrollments.len());
-        for enrollment in &prospect.enrollments {
-            let last_step = self.admin.get_campaign(enrollment.campaign_id).await?.map(|c| c.steps.len().saturating_sub(1));
-            let completed = match last_step.and_then(|s| u32::try_from(s).ok()) {
-                Some(step) => self
-                    .sends
-                    .send_record(SendKey { enrollment: enrollment.id, step })
-                    .await?
-                    .filter(|r| matches!(r.state, SendState::Sent { .. } | SendState::Unknown { .. }))
-                    .map(|r| r.updated_at),
-                None => None,
-            };
-            completions.push(completed);
-        }
-        Ok(completions)
+        Ok(self.send_records(prospect).await?.iter().map(|steps| completed_at(steps)).collect())
     }
 
     /// The embedded backend: one SQLite file in `data_dir`, job queue included.

@@ -735,16 +735,7 @@ impl AdminStore for DynamoStore {
     async fn is_empty(&self) -> Result<bool, StoreError> {
         let mut start = None;
         loop {
-            let out = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .filter_expression("begins_with(pk, :a)")
-                .expression_attribute_values(":a", s("ACCOUNT#"))
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(sdk_error)?;
+            let out = self.scan_accounts(start, false).await?;
             if out.count > 0 {
                 return Ok(false);
             }
@@ -868,17 +859,7 @@ impl AdminStore for DynamoStore {
         let mut accounts: Vec<Account> = Vec::new();
         let mut start = None;
         loop {
-            let out = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .filter_expression("begins_with(pk, :a)")
-                .expression_attribute_values(":a", s("ACCOUNT#"))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(sdk_error)?;
+            let out = self.scan_accounts(start, true).await?;
             for item in out.items() {
                 accounts.push(doc_of(item)?);
             }
@@ -1046,6 +1027,24 @@ impl SendLog for DynamoStore {
 }
 
 impl DynamoStore {
+    /// One page of a scan for the account items, from `start`.
+    async fn scan_accounts(
+        &self,
+        start: Option<Item>,
+        consistent: bool,
+    ) -> Result<aws_sdk_dynamodb::operation::scan::ScanOutput, StoreError> {
+        self.client
+            .scan()
+            .table_name(&self.table)
+            .filter_expression("begins_with(pk, :a)")
+            .expression_attribute_values(":a", s("ACCOUNT#"))
+            .consistent_read(consistent)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(sdk_error)
+    }
+
     async fn create_or_replace_account(&self, account: &Account) -> Result<(), StoreError> {
         let mut item = key(account_pk(account.id));
         item.insert("doc".into(), to_doc(account)?);
