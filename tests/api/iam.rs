@@ -47,7 +47,7 @@ use crate::template::{resource, template};
 
 /// The IAM actions each port method of the AWS adapters needs.
 const ADAPTER_ACTIONS: &[(&str, &[&str])] = &[
-    // DynamoStore (shared/src/adapters/dynamodb.rs)
+    // DynamoStore (shared/src/adapters/dynamodb/)
     ("ProspectRepository::upsert_context", &["dynamodb:BatchGetItem"]),
     // A transaction of conditional Puts: the prospect and its pointers.
     ("ProspectRepository::insert", &["dynamodb:PutItem"]),

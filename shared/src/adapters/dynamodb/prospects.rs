@@ -1,0 +1,213 @@
+//! Prospects: the prospect items and their id and external_id pointers.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::types::{Delete, KeysAndAttributes, Put, ReturnValue, TransactWriteItem};
+use time::OffsetDateTime;
+
+use super::{
+    account_pk, campaign_pk, doc_of, external_pointer_pk, get_n, get_s, id_pointer_pk, key, n, prospect_pk, s, sdk_error, DynamoStore, Item,
+};
+use crate::adapters::record::{rfc3339, ProspectRecord};
+use crate::domain::{Account, AccountId, CampaignId, NormalizedEmail, Prospect, ProspectStatus};
+use crate::ports::{Conflict, ProspectRef, ProspectRepository, Replacing, StoreError, UpsertContext};
+
+fn prospect_item(r: &ProspectRecord, enroll_count: u32) -> Item {
+    let mut item = HashMap::from([
+        ("pk".to_owned(), s(prospect_pk(&r.account_id, &r.email_hash))),
+        ("id".to_owned(), s(&r.id)),
+        ("account_id".to_owned(), s(&r.account_id)),
+        ("email_hash".to_owned(), s(&r.email_hash)),
+        ("status".to_owned(), s(&r.status)),
+        ("ended_through".to_owned(), n(r.ended_through)),
+        ("enroll_count".to_owned(), n(enroll_count)),
+        ("version".to_owned(), n(r.version)),
+        ("updated_at".to_owned(), s(&r.updated_at)),
+        ("doc".to_owned(), s(&r.doc)),
+    ]);
+    if let Some(ext) = &r.external_id {
+        item.insert("external_id".to_owned(), s(ext));
+    }
+    item
+}
+
+fn prospect_from_item(item: &Item) -> Result<Prospect, StoreError> {
+    ProspectRecord {
+        id: get_s(item, "id")?,
+        account_id: get_s(item, "account_id")?,
+        email_hash: get_s(item, "email_hash")?,
+        external_id: item.get("external_id").and_then(|v| v.as_s().ok()).cloned(),
+        status: get_s(item, "status")?,
+        ended_through: get_n(item, "ended_through")?,
+        version: get_n(item, "version")?,
+        updated_at: get_s(item, "updated_at")?,
+        doc: get_s(item, "doc")?,
+    }
+    .into_prospect()
+}
+
+fn pointer_put(table: &str, pk: String, target: &str) -> Result<TransactWriteItem, StoreError> {
+    let put = Put::builder()
+        .table_name(table)
+        .set_item(Some(HashMap::from([("pk".to_owned(), s(pk)), ("target".to_owned(), s(target))])))
+        .condition_expression("attribute_not_exists(pk)")
+        .build()
+        .map_err(StoreError::other)?;
+    Ok(TransactWriteItem::builder().put(put).build())
+}
+
+#[async_trait]
+impl ProspectRepository for DynamoStore {
+    async fn upsert_context(
+        &self,
+        account: AccountId,
+        email: &NormalizedEmail,
+        campaign: Option<CampaignId>,
+    ) -> Result<UpsertContext, StoreError> {
+        let prospect_key = prospect_pk(&account.to_string(), email.key_hash());
+        let mut keys = vec![key(&prospect_key), key(account_pk(account))];
+        if let Some(c) = campaign {
+            keys.push(key(campaign_pk(c)));
+        }
+        let mut found: Vec<Item> = Vec::new();
+        for _ in 0..3 {
+            let request = KeysAndAttributes::builder().set_keys(Some(keys)).consistent_read(true).build().map_err(StoreError::other)?;
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.table, request)
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            found.extend(out.responses.and_then(|mut r| r.remove(&self.table)).unwrap_or_default());
+            keys = out.unprocessed_keys.and_then(|mut u| u.remove(&self.table)).map(|k| k.keys).unwrap_or_default();
+            if keys.is_empty() {
+                break;
+            }
+        }
+        if !keys.is_empty() {
+            return Err(StoreError::Unavailable("batch read left keys unprocessed".into()));
+        }
+        let mut ctx = UpsertContext::default();
+        for item in &found {
+            let pk = get_s(item, "pk")?;
+            if pk == prospect_key {
+                ctx.prospect = Some(prospect_from_item(item)?);
+            } else if pk.starts_with("ACCOUNT#") {
+                ctx.default_campaign_id = doc_of::<Account>(item)?.default_campaign_id;
+            } else {
+                ctx.requested_campaign = Some(doc_of(item)?);
+            }
+        }
+        Ok(ctx)
+    }
+
+    async fn insert(&self, prospect: Prospect) -> Result<(), StoreError> {
+        let r = ProspectRecord::from_prospect(&prospect, 1);
+        let pk = prospect_pk(&r.account_id, &r.email_hash);
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(prospect_item(&r, prospect.enrollment_count())))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(StoreError::other)?;
+        let mut items = vec![TransactWriteItem::builder().put(put).build(), pointer_put(&self.table, id_pointer_pk(&r.account_id, &r.id), &pk)?];
+        let mut conflicts = vec![Conflict::Email, Conflict::Email];
+        if let Some(ext) = &r.external_id {
+            items.push(pointer_put(&self.table, external_pointer_pk(&r.account_id, ext), &pk)?);
+            conflicts.push(Conflict::ExternalId);
+        }
+        self.transact(items, &conflicts).await
+    }
+
+    async fn update(&self, previous: Replacing, updated: Prospect) -> Result<(), StoreError> {
+        let r = ProspectRecord::from_prospect(&updated, previous.version + 1);
+        let pk = prospect_pk(&r.account_id, &r.email_hash);
+        let item = prospect_item(&r, updated.enrollment_count());
+        let version = n(previous.version);
+        if previous.external_id == updated.external_id {
+            let result = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression("version = :v")
+                .expression_attribute_values(":v", version)
+                .send()
+                .await;
+            return match result {
+                Ok(_) => Ok(()),
+                Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => {
+                    Err(StoreError::Conflict(Conflict::Version))
+                }
+                Err(e) => Err(sdk_error(e)),
+            };
+        }
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("version = :v")
+            .expression_attribute_values(":v", version)
+            .build()
+            .map_err(StoreError::other)?;
+        let mut items = vec![TransactWriteItem::builder().put(put).build()];
+        let mut conflicts = vec![Conflict::Version];
+        if let Some(old) = &previous.external_id {
+            let delete = Delete::builder()
+                .table_name(&self.table)
+                .set_key(Some(key(external_pointer_pk(&r.account_id, old.as_str()))))
+                .build()
+                .map_err(StoreError::other)?;
+            items.push(TransactWriteItem::builder().delete(delete).build());
+            conflicts.push(Conflict::Version);
+        }
+        if let Some(new) = &r.external_id {
+            items.push(pointer_put(&self.table, external_pointer_pk(&r.account_id, new), &pk)?);
+            conflicts.push(Conflict::ExternalId);
+        }
+        self.transact(items, &conflicts).await
+    }
+
+    async fn set_status(
+        &self,
+        account: AccountId,
+        prospect: &ProspectRef,
+        status: ProspectStatus,
+        now: OffsetDateTime,
+    ) -> Result<Option<Prospect>, StoreError> {
+        let Some(pk) = self.resolve(account, prospect).await? else { return Ok(None) };
+        let mut expression = "SET #status = :s, updated_at = :now, version = version + :one".to_owned();
+        if status.ends_campaigns() {
+            expression.push_str(", ended_through = enroll_count");
+        }
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk)))
+            .update_expression(expression)
+            .condition_expression("attribute_exists(pk) AND account_id = :account")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":s", s(status.as_str()))
+            .expression_attribute_values(":now", s(rfc3339(now)))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":account", s(account.to_string()))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(out) => out.attributes.as_ref().map(prospect_from_item).transpose(),
+            Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => Ok(None),
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
+    async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
+        let Some(pk) = self.resolve(account, prospect).await? else { return Ok(None) };
+        let Some(item) = self.get(pk, true).await? else { return Ok(None) };
+        let p = prospect_from_item(&item)?;
+        Ok((p.account_id == account).then_some(p))
+    }
+}

@@ -1,0 +1,159 @@
+//! Prospects: the `prospects` table and its rows.
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+use time::OffsetDateTime;
+
+use super::{db_error, execute, get_doc, query_row, SqliteStore};
+use crate::adapters::record::{rfc3339, ProspectRecord};
+use crate::domain::{Account, AccountId, CampaignId, NormalizedEmail, Prospect, ProspectStatus};
+use crate::ports::{Conflict, ProspectRef, ProspectRepository, Replacing, StoreError, UpsertContext};
+
+/// The columns of `prospects`, in the order [`read_prospect`] reads them.
+macro_rules! prospect_columns {
+    () => {
+        "id, account_id, email_hash, external_id, status, ended_through, version, updated_at, doc"
+    };
+}
+
+/// The query finding one prospect of an account by `$column`.
+macro_rules! select_prospect_by {
+    ($column:literal) => {
+        concat!("SELECT ", prospect_columns!(), " FROM prospects WHERE account_id = ?1 AND ", $column, " = ?2")
+    };
+}
+
+fn read_prospect(row: &rusqlite::Row<'_>) -> rusqlite::Result<ProspectRecord> {
+    Ok(ProspectRecord {
+        id: row.get(0)?,
+        account_id: row.get(1)?,
+        email_hash: row.get(2)?,
+        external_id: row.get(3)?,
+        status: row.get(4)?,
+        ended_through: row.get(5)?,
+        version: row.get(6)?,
+        updated_at: row.get(7)?,
+        doc: row.get(8)?,
+    })
+}
+
+fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
+    match by {
+        ProspectRef::Id(id) => find_prospect_where(conn, select_prospect_by!("id"), account, &id.to_string()),
+        ProspectRef::ExternalId(ext) => find_prospect_where(conn, select_prospect_by!("external_id"), account, ext.as_str()),
+        ProspectRef::Email(email) => find_prospect_where(conn, select_prospect_by!("email_hash"), account, email.key_hash()),
+        ProspectRef::EmailHash(hash) => find_prospect_where(conn, select_prospect_by!("email_hash"), account, hash),
+    }
+}
+
+/// The account's prospect that `sql` (a `select_prospect_by!`) finds by `value`.
+fn find_prospect_where(conn: &Connection, sql: &str, account: AccountId, value: &str) -> Result<Option<Prospect>, StoreError> {
+    query_row(conn, sql, params![account.to_string(), value], read_prospect)
+        .optional()
+        .map_err(db_error)?
+        .map(ProspectRecord::into_prospect)
+        .transpose()
+}
+
+/// Maps a unique-constraint failure to the conflict it means.
+fn write_error(e: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(err, Some(msg)) = &e {
+        if err.code == rusqlite::ErrorCode::ConstraintViolation {
+            if msg.contains("external_id") {
+                return StoreError::Conflict(Conflict::ExternalId);
+            }
+            if msg.contains("email_hash") || msg.contains("prospects.id") {
+                return StoreError::Conflict(Conflict::Email);
+            }
+        }
+    }
+    db_error(e)
+}
+
+#[async_trait]
+impl ProspectRepository for SqliteStore {
+    async fn upsert_context(
+        &self,
+        account: AccountId,
+        email: &NormalizedEmail,
+        campaign: Option<CampaignId>,
+    ) -> Result<UpsertContext, StoreError> {
+        // Each lookup reads the latest commit; they need no common snapshot: the account's
+        // default and the requested campaign do not depend on the prospect.
+        self.read(|conn| {
+            let prospect = find_prospect_where(conn, select_prospect_by!("email_hash"), account, email.key_hash())?;
+            // Only a new prospect is enrolled in the default campaign.
+            let account: Option<Account> = match prospect {
+                Some(_) => None,
+                None => get_doc(conn, "SELECT doc FROM accounts WHERE id = ?1", account.to_string())?,
+            };
+            let requested_campaign = match campaign {
+                Some(id) => get_doc(conn, "SELECT doc FROM campaigns WHERE id = ?1", id.to_string())?,
+                None => None,
+            };
+            Ok(UpsertContext { prospect, default_campaign_id: account.and_then(|a| a.default_campaign_id), requested_campaign })
+        })
+    }
+
+    async fn insert(&self, prospect: Prospect) -> Result<(), StoreError> {
+        let r = ProspectRecord::from_prospect(&prospect, 1);
+        self.write(move |conn| {
+            execute(
+                conn,
+                concat!("INSERT INTO prospects (", prospect_columns!(), ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                params![r.id, r.account_id, r.email_hash, r.external_id, r.status, r.ended_through, r.version, r.updated_at, r.doc],
+            )
+            .map_err(write_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn update(&self, previous: Replacing, updated: Prospect) -> Result<(), StoreError> {
+        let r = ProspectRecord::from_prospect(&updated, previous.version + 1);
+        let expected = i64::try_from(previous.version).unwrap_or(i64::MAX);
+        self.write(move |conn| {
+            let n = execute(
+                conn,
+                "UPDATE prospects SET external_id = ?2, status = ?3, ended_through = ?4, version = ?5,
+                 updated_at = ?6, doc = ?7 WHERE id = ?1 AND version = ?8",
+                params![r.id, r.external_id, r.status, r.ended_through, r.version, r.updated_at, r.doc, expected],
+            )
+            .map_err(write_error)?;
+            if n == 0 {
+                return Err(StoreError::Conflict(Conflict::Version));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_status(
+        &self,
+        account: AccountId,
+        prospect: &ProspectRef,
+        status: ProspectStatus,
+        now: OffsetDateTime,
+    ) -> Result<Option<Prospect>, StoreError> {
+        let by = prospect.clone();
+        // Read and update on the write connection, in the group's transaction: nothing can
+        // change the prospect in between.
+        self.write(move |conn| {
+            let Some(mut p) = find_prospect(conn, account, &by)? else { return Ok(None) };
+            p.set_status(status, now);
+            p.version += 1;
+            execute(
+                conn,
+                "UPDATE prospects SET status = ?2, ended_through = ?3, version = version + 1, updated_at = ?4 WHERE id = ?1",
+                params![p.id.to_string(), p.status.as_str(), p.ended_through, rfc3339(now)],
+            )
+            .map_err(db_error)?;
+            Ok(Some(p))
+        })
+        .await
+    }
+
+    async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
+        self.read(|conn| find_prospect(conn, account, prospect))
+    }
+}
