@@ -8,7 +8,7 @@ use shared::admin::{self, AdminError};
 use shared::backend::Backend;
 use shared::config::{aws_sdk_config, unsubscribe_secret_from_aws, ConfigError, TableConfig, QUEUE_URL, SENDER, UNSUBSCRIBE_SECRET, UNSUBSCRIBE_SECRET_ARN};
 use shared::domain::{
-    sample_prospect, Account, ApiKeyRecord, SendRecord, Campaign, CampaignDefinition, ExternalId, NormalizedEmail, Prospect, RateLimit, SendingChange, SystemClock,
+    sample_prospect, Account, ApiKeyRecord, SendRecord, SendTally, Campaign, CampaignDefinition, ExternalId, NormalizedEmail, Prospect, RateLimit, SendingChange, SystemClock,
     UnsubscribeSecret,
 };
 use shared::ports::{ProspectRef, StoreError};
@@ -209,7 +209,17 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
         }
         Command::Campaigns(CampaignsCommand::Show { id }) => {
             let (campaign, is_default) = admin::campaign(store, id).await?;
-            emit(j, &campaign_json(&campaign, is_default), &campaign_text(&campaign, is_default))?;
+            let tally = backend.sends.tally(id).await?;
+            let mut value = campaign_json(&campaign, is_default);
+            value["sends"] = (0..campaign.steps.len())
+                .filter_map(|s| u32::try_from(s).ok())
+                .map(|step| {
+                    let mut counts: serde_json::Map<String, Value> = tally.of_step(step).map(|(state, n)| (state.to_owned(), n.into())).collect();
+                    counts.insert("step".into(), (step + 1).into());
+                    Value::Object(counts)
+                })
+                .collect();
+            emit(j, &value, &campaign_text(&campaign, is_default, &tally))?;
         }
         Command::Campaigns(CampaignsCommand::Preview { id, by, public_url }) => {
             let (campaign, _) = admin::campaign(store, id).await?;
@@ -316,7 +326,7 @@ fn timing(step: usize, delay_seconds: u64) -> String {
     format!("{} after {after}", parts.join(" "))
 }
 
-fn campaign_text(c: &Campaign, is_default: bool) -> String {
+fn campaign_text(c: &Campaign, is_default: bool, tally: &SendTally) -> String {
     let mut text = format!(
         "Campaign {}  {}\n{}{}, account {}, created {}, {}",
         c.id,
@@ -332,6 +342,10 @@ fn campaign_text(c: &Campaign, is_default: bool) -> String {
         for line in step.body.lines() {
             text.push_str(&format!("\n    {line}"));
         }
+        let counts: Vec<String> = u32::try_from(i)
+            .map(|step| tally.of_step(step).filter(|(_, n)| *n > 0).map(|(state, n)| format!("{n} {}", state.replace('_', " "))).collect())
+            .unwrap_or_default();
+        text.push_str(&format!("\n  Sends: {}", if counts.is_empty() { "none yet".to_owned() } else { counts.join(", ") }));
     }
     text
 }

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{
     Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, ClaimOwner, ExternalId, SendKey, SendRecord,
-    SendState,
+    SendState, SendTally,
     IdempotencyBegin, IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectId, ProspectStatus,
     RateDecision, RateLimit, StoredResponse,
 };
@@ -220,6 +220,13 @@ pub trait SendLog: Send + Sync {
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
     async fn send_record(&self, key: SendKey) -> Result<Option<SendRecord>, StoreError>;
+
+    /// How many of `campaign`'s sends are in each state, per step. An operator's read: on
+    /// DynamoDB it scans the table.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn tally(&self, campaign: CampaignId) -> Result<SendTally, StoreError>;
 }
 
 /// A queue the process pulls due jobs from itself (the embedded store's), rather than one

@@ -162,6 +162,9 @@ async fn an_unknown_provider_answer_is_recorded_and_never_resent(kind: Kind) {
 
     assert_eq!(app.mailer.subjects(), ["Hi ", "Tips", "Last call"], "the provider took the first once; it is not resent");
     assert_eq!(app.send_states("una@example.com", 3).await, ["unknown", "sent", "sent"]);
+    let tally = app.backend.sends.tally(app.campaign.id).await.unwrap();
+    let counted = |step| tally.of_step(step).filter(|(_, n)| *n > 0).collect::<Vec<_>>();
+    assert_eq!((counted(0), counted(1), counted(2)), (vec![("unknown", 1)], vec![("sent", 1)], vec![("sent", 1)]), "counted per campaign and step");
 }
 
 async fn a_step_that_cannot_be_rendered_is_recorded_as_skipped(kind: Kind) {

@@ -652,11 +652,14 @@ async fn campaigns_show_gives_steps_delays_default_and_state() {
         let shown = cli.json(&["campaigns", "show", &id]);
         assert_eq!((shown["active"].as_bool(), shown["default"].as_bool()), (Some(true), Some(true)));
         assert_eq!(shown["steps"][1], json!({"delay_seconds": 600, "subject": "Tips", "body": "Here are tips"}));
+        let nothing_yet = json!({"step": 2, "claimed": 0, "sent": 0, "retry_scheduled": 0, "rejected": 0, "unknown": 0, "skipped": 0});
+        assert_eq!(shown["sends"][1], nothing_yet, "each step's sends counted by state");
         let text = String::from_utf8(cli.run(&["campaigns", "show", &id]).stdout).unwrap();
         assert!(text.contains("active, the account's default"), "{text}");
         assert!(text.contains("Step 1, on enrollment\n  Subject: Hi {{first_name}}"), "{text}");
         assert!(text.contains("Step 2, 10 minutes after the previous step"), "{text}");
         assert!(text.contains("Step 3, 3 days after the previous step"), "{text}");
+        assert!(text.contains("  Sends: none yet"), "{text}");
 
         cli.json(&["campaigns", "deactivate", &id]);
         let shown = cli.json(&["campaigns", "show", &id]);

@@ -22,8 +22,8 @@ use shared::admin;
 use shared::backend::Backend;
 use shared::adapters::sqs::SqsQueue;
 use shared::domain::{
-    AccountId, Campaign, CampaignDefinition, CampaignJob, ClaimOwner, Clock, KeyId, NormalizedEmail, Prospect, ProspectStatus,
-    RateLimit, SendKey, SendRecord, SendState, SystemClock, UnsubscribeSecret,
+    AccountId, Campaign, CampaignId, CampaignDefinition, CampaignJob, ClaimOwner, Clock, KeyId, NormalizedEmail, Prospect, ProspectStatus,
+    RateLimit, SendKey, SendRecord, SendState, SendTally, SystemClock, UnsubscribeSecret,
 };
 use shared::http::{router, Routes, KEY_HEADER};
 use shared::ports::{
@@ -202,6 +202,10 @@ impl SendLog for FaultySendLog {
 
     async fn send_record(&self, key: SendKey) -> Result<Option<SendRecord>, StoreError> {
         self.inner.send_record(key).await
+    }
+
+    async fn tally(&self, campaign: CampaignId) -> Result<SendTally, StoreError> {
+        self.inner.tally(campaign).await
     }
 }
 

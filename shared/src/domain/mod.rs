@@ -13,7 +13,7 @@ mod send;
 mod unsubscribe;
 
 pub use campaign::{sample_prospect, Campaign, CampaignDefinition, CampaignError, CampaignState, Pause, RenderedEmail, SendingChange, Step};
-pub use send::{ClaimOwner, SendKey, SendRecord, SendState};
+pub use send::{ClaimOwner, SendKey, SendRecord, SendState, SendTally, SEND_STATES};
 pub use unsubscribe::{InvalidToken, UnsubscribeSecret, WeakSecret};
 pub use email::{EmailError, NormalizedEmail};
 pub use ids::{AccountId, CampaignId, EnrollmentId, IdError, KeyId, ProspectId};

@@ -150,3 +150,37 @@ pub struct SendRecord {
     /// Sending attempts made so far (1 after the first claim).
     pub attempts: u32,
 }
+
+/// The names of every send state, in the order a step moves through them.
+pub const SEND_STATES: [&str; 6] = ["claimed", "sent", "retry_scheduled", "rejected", "unknown", "skipped"];
+
+/// How many of a campaign's sends are in each state, per step (0-based): what an operator
+/// reads to see what went out, what is being retried and which outcomes are unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendTally {
+    steps: std::collections::BTreeMap<u32, [u64; SEND_STATES.len()]>,
+}
+
+impl SendTally {
+    /// Counts `n` more sends of `step` in the state named `state`.
+    ///
+    /// # Errors
+    /// The name, when it is not one of [`SEND_STATES`] (a record this version cannot read).
+    pub fn add(&mut self, step: u32, state: &str, n: u64) -> Result<(), String> {
+        let at = SEND_STATES.iter().position(|s| *s == state).ok_or_else(|| format!("unknown send state {state:?}"))?;
+        self.steps.entry(step).or_default()[at] += n;
+        Ok(())
+    }
+
+    /// How many sends of `step` are in the state named `state`.
+    #[must_use]
+    pub fn count(&self, step: u32, state: &str) -> u64 {
+        let at = SEND_STATES.iter().position(|s| *s == state);
+        self.steps.get(&step).zip(at).map_or(0, |(counts, at)| counts[at])
+    }
+
+    /// Each state's name and count for `step`, in the order of [`SEND_STATES`].
+    pub fn of_step(&self, step: u32) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        SEND_STATES.iter().map(move |s| (*s, self.count(step, s)))
+    }
+}

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use super::{campaign_pk, get_n, get_s, key, n, prospect_pk, s, sdk_error, DynamoStore, Item};
 use crate::adapters::record::rfc3339;
-use crate::domain::{ClaimOwner, EnrollmentId, ProspectStatus, SendKey, SendRecord, SendState};
+use crate::domain::{CampaignId, ClaimOwner, EnrollmentId, ProspectStatus, SendKey, SendRecord, SendState, SendTally};
 use crate::ports::{ClaimRequest, ClaimResult, SendLog, StoreError};
 
 /// How long a send record is kept (DynamoDB TTL attribute `expires_at`): longer than any
@@ -78,6 +78,7 @@ impl SendLog for DynamoStore {
         let mut item = key(send_pk(claim.key));
         item.insert("state".into(), s("claimed"));
         item.insert("owner".into(), s(claim.owner.to_string()));
+        item.insert("campaign".into(), s(claim.campaign.to_string()));
         item.insert("attempts".into(), n(claim.attempt + 1));
         item.insert("claimed_at".into(), s(&now));
         item.insert("updated_at".into(), s(&now));
@@ -164,5 +165,37 @@ impl SendLog for DynamoStore {
 
     async fn send_record(&self, key: SendKey) -> Result<Option<SendRecord>, StoreError> {
         self.get(send_pk(key), true).await?.as_ref().map(send_record_of).transpose()
+    }
+
+    /// A scan of the table for the campaign's send records (an operator's read, not a
+    /// request's); records of earlier versions (no `campaign`) are not counted.
+    async fn tally(&self, campaign: CampaignId) -> Result<SendTally, StoreError> {
+        let mut tally = SendTally::default();
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .filter_expression("begins_with(pk, :send) AND campaign = :c")
+                .projection_expression("pk, #state")
+                .expression_attribute_names("#state", "state")
+                .expression_attribute_values(":send", s("SEND#"))
+                .expression_attribute_values(":c", s(campaign.to_string()))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            for item in page.items() {
+                let pk = get_s(item, "pk")?;
+                let step = pk.rsplit_once('#').and_then(|(_, step)| step.parse().ok());
+                let step = step.ok_or_else(|| StoreError::other("stored send record has an invalid key"))?;
+                tally.add(step, &get_s(item, "state")?, 1).map_err(StoreError::other)?;
+            }
+            start = page.last_evaluated_key().cloned();
+            if start.is_none() {
+                return Ok(tally);
+            }
+        }
     }
 }

@@ -125,7 +125,13 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("campaigns", "sending_version", "INTEGER NOT NULL DEFAULT 0"),
     ("outbox", "mime", "TEXT"),
     ("outbox", "message_id", "TEXT"),
+    ("sends", "campaign_id", "TEXT"),
 ];
+
+/// Indexes on columns of [`ADDED_COLUMNS`], created once those exist.
+const ADDED_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS sends_campaign ON sends(campaign_id, step, state);
+";
 
 /// Adds the columns of [`ADDED_COLUMNS`] that a table lacks.
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
@@ -401,6 +407,7 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db_error)?;
         conn.execute_batch(SCHEMA).map_err(db_error)?;
         add_missing_columns(&conn).map_err(db_error)?;
+        conn.execute_batch(ADDED_INDEXES).map_err(db_error)?;
         let reader = open_reader(&path)?;
         let pin = open_reader(&path)?;
         // A pin that cannot be had at once is skipped, never waited for: writes wait on it.

@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 
 use super::{db_error, execute, json_error, query_row, unix_ms, LeasedJob, SqliteStore};
 use crate::adapters::record::rfc3339;
-use crate::domain::{CampaignJob, ClaimOwner, SendKey, SendRecord, SendState};
+use crate::domain::{CampaignId, CampaignJob, ClaimOwner, SendKey, SendRecord, SendState, SendTally};
 use crate::ports::{
     ClaimRequest, ClaimResult, Delivered, JobQueue, MailError, Mailer, OutgoingEmail, PullQueue, SendClaim, SendLog, StoreError,
 };
@@ -350,11 +350,11 @@ impl SendLog for SqliteStore {
             let now = rfc3339(claim.now);
             execute(
                 conn,
-                "INSERT INTO sends (enrollment_id, step, state, owner, detail, attempts, retry_at, claimed_at, updated_at)
-                 VALUES (?1, ?2, 'claimed', ?3, NULL, ?4, NULL, ?5, ?5)
+                "INSERT INTO sends (enrollment_id, step, state, owner, detail, attempts, retry_at, claimed_at, updated_at, campaign_id)
+                 VALUES (?1, ?2, 'claimed', ?3, NULL, ?4, NULL, ?5, ?5, ?6)
                  ON CONFLICT (enrollment_id, step) DO UPDATE SET state = 'claimed', owner = ?3, detail = NULL,
-                     attempts = ?4, retry_at = NULL, claimed_at = ?5, updated_at = ?5",
-                params![claim.key.enrollment.to_string(), claim.key.step, claim.owner.to_string(), claim.attempt + 1, now],
+                     attempts = ?4, retry_at = NULL, claimed_at = ?5, updated_at = ?5, campaign_id = ?6",
+                params![claim.key.enrollment.to_string(), claim.key.step, claim.owner.to_string(), claim.attempt + 1, now, claim.campaign.to_string()],
             )
             .map_err(db_error)?;
             Ok(ClaimResult::Won)
@@ -369,6 +369,23 @@ impl SendLog for SqliteStore {
 
     async fn send_record(&self, key: SendKey) -> Result<Option<SendRecord>, StoreError> {
         self.read(|conn| find_send(conn, key))
+    }
+
+    /// One indexed query; records of earlier versions (no campaign) are not counted.
+    async fn tally(&self, campaign: CampaignId) -> Result<SendTally, StoreError> {
+        self.read(|conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT step, state, COUNT(*) FROM sends WHERE campaign_id = ?1 GROUP BY step, state").map_err(db_error)?;
+            let rows = statement
+                .query_map([campaign.to_string()], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
+                .map_err(db_error)?;
+            let mut tally = SendTally::default();
+            for row in rows {
+                let (step, state, n) = row.map_err(db_error)?;
+                tally.add(step, &state, u64::try_from(n).unwrap_or_default()).map_err(StoreError::other)?;
+            }
+            Ok(tally)
+        })
     }
 }
 
