@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{
     Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, ClaimOwner, ExternalId, SendKey, SendRecord,
-    SendState, SendTally,
+    SendState, SendTally, StatusReason,
     IdempotencyBegin, IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectId, ProspectStatus,
     RateDecision, RateLimit, StoredResponse,
 };
@@ -112,8 +112,9 @@ pub trait ProspectRepository: Send + Sync {
     async fn update(&self, previous: Replacing, updated: Prospect) -> Result<(), StoreError>;
 
     /// Sets the status in one atomic write; a status other than `new` ends every enrollment
-    /// in that same write. Returns the prospect as written, or `None` if the account has no
-    /// such prospect. Strongly consistent with every acknowledged write.
+    /// in that same write, and the change (with `reason`) is appended to the prospect's
+    /// status history in it too. Returns the prospect as written, or `None` if the account
+    /// has no such prospect. Strongly consistent with every acknowledged write.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
@@ -122,6 +123,7 @@ pub trait ProspectRepository: Send + Sync {
         account: AccountId,
         prospect: &ProspectRef,
         status: ProspectStatus,
+        reason: StatusReason,
         now: OffsetDateTime,
     ) -> Result<Option<Prospect>, StoreError>;
 
@@ -152,6 +154,14 @@ pub trait JobQueue: Send + Sync {
         }
         results
     }
+}
+
+/// Where a prospect is stored: its account, id and the hash of its normalized address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProspectKey {
+    pub account: AccountId,
+    pub prospect: ProspectId,
+    pub email_hash: String,
 }
 
 /// A claim of one step's send, and everything it is conditional on: the prospect still `new`
@@ -207,13 +217,21 @@ pub trait SendLog: Send + Sync {
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
     async fn claim_send(&self, claim: &ClaimRequest) -> Result<ClaimResult, StoreError>;
 
-    /// Moves a step still claimed by `owner` to `state`. `false` (nothing written) when the
-    /// record is no longer that owner's claim, e.g. a redelivery found its lease expired and
-    /// recorded `unknown`.
+    /// Moves a step still claimed by `owner` to `state`, and keeps the outcome with the
+    /// prospect at `prospect` in the same write (see [`Prospect::progress`]). `false`
+    /// (nothing written) when the record is no longer that owner's claim, e.g. a redelivery
+    /// found its lease expired and recorded `unknown`.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
-    async fn record_send(&self, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError>;
+    async fn record_send(
+        &self,
+        prospect: &ProspectKey,
+        key: SendKey,
+        owner: ClaimOwner,
+        state: &SendState,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
 
     /// The record of one step, if it was ever claimed.
     ///

@@ -39,7 +39,7 @@ use crate::domain::{
     SendRecord, SendState, StatusReason, UnsubscribeSecret,
 };
 use crate::ports::{
-    AdminStore, ClaimRequest, ClaimResult, JobQueue, MailError, Mailer, OutgoingEmail, ProspectRef, ProspectRepository,
+    AdminStore, ClaimRequest, ClaimResult, JobQueue, MailError, Mailer, OutgoingEmail, ProspectKey, ProspectRef, ProspectRepository,
     SendClaim, SendLog, StoreError,
 };
 use crate::service::{ProspectService, ServiceError};
@@ -159,6 +159,11 @@ struct Context<'a> {
 impl Context<'_> {
     fn key(&self) -> SendKey {
         SendKey { enrollment: self.enrollment.id, step: self.job.step }
+    }
+
+    /// Where the job's prospect is stored.
+    fn prospect_key(&self) -> ProspectKey {
+        ProspectKey { account: self.job.account_id, prospect: self.job.prospect_id, email_hash: self.job.email_hash.clone() }
     }
 
     /// The next step's job, due when that step is; none after the last step.
@@ -343,7 +348,7 @@ impl Scheduler {
             SendState::Claimed { owner } => {
                 let reason = "the worker that claimed the step stopped before recording what the provider answered".to_owned();
                 let unknown = SendState::Unknown { reason };
-                if self.ports.sends.record_send(cx.key(), *owner, &unknown, cx.now).await? {
+                if self.ports.sends.record_send(&cx.prospect_key(), cx.key(), *owner, &unknown, cx.now).await? {
                     warn!("claim found past its lease: recorded the step as unknown, not resending it");
                     return Ok(cx.advance(Outcome::Unknown));
                 }
@@ -360,7 +365,11 @@ impl Scheduler {
     /// Renders and sends the claimed step, and records what the provider answered.
     async fn send(&self, cx: &Context<'_>, owner: ClaimOwner) -> Result<Handled, JobError> {
         let (job, prospect, key, now) = (cx.job, cx.prospect, cx.key(), cx.now);
-        let record = |state: SendState| async move { self.ports.sends.record_send(key, owner, &state, now).await };
+        let at = cx.prospect_key();
+        let record = |state: SendState| {
+            let at = &at;
+            async move { self.ports.sends.record_send(at, key, owner, &state, now).await }
+        };
         let step = usize::try_from(job.step).ok().and_then(|i| cx.campaign.steps.get(i)).ok_or_else(|| StoreError::other("step vanished"))?;
         let unsubscribe_url = self.settings.unsubscribe_url(prospect);
         let rendered = match step.render(prospect, &unsubscribe_url) {

@@ -1,6 +1,7 @@
 //! The application service: authentication, the POST upsert and the PATCH status change,
 //! written once against the ports and used by every entry point.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
@@ -8,12 +9,12 @@ use time::{Duration, OffsetDateTime};
 use tracing::{info, instrument};
 
 use crate::domain::{
-    AccountId, ApiKey, ApiKeyRecord, CampaignId, CampaignJob, Clock, Enrollment, FieldError, IdempotencyBegin,
+    enrollment_view, AccountId, ApiKey, ApiKeyRecord, Campaign, CampaignId, EnrollmentView, CampaignJob, Clock, Enrollment, FieldError, IdempotencyBegin,
     IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectChanges, ProspectId, ProspectStatus,
     RateDecision, StatusReason, StoredResponse, UnsubscribeSecret,
 };
 use crate::ports::{
-    Conflict, IdempotencyStore, JobQueue, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, StoreError,
+    AdminStore, Conflict, IdempotencyStore, JobQueue, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, StoreError,
 };
 
 /// How many times an upsert re-reads after losing a race before giving up with 503.
@@ -78,6 +79,8 @@ pub struct ServicePorts {
     pub repo: Arc<dyn ProspectRepository>,
     /// `None` in a function that never enrolls (PATCH, unsubscribe).
     pub queue: Option<Arc<dyn JobQueue>>,
+    /// Campaigns, read to tell where a prospect's enrollments stand.
+    pub campaigns: Arc<dyn AdminStore>,
     pub keys: Arc<dyn KeyStore>,
     pub idempotency: Arc<dyn IdempotencyStore>,
     pub limiter: Arc<dyn RateLimiter>,
@@ -85,6 +88,7 @@ pub struct ServicePorts {
     /// How long a looked-up key is trusted before it is read again: zero on the embedded
     /// store (a revocation applies at once), under a minute on Lambda (a revocation applies
     /// within that time, and a warm instance reads each key at most once per period).
+    /// Campaigns read for a prospect's enrollments are kept as long.
     pub key_cache_ttl: StdDuration,
 }
 
@@ -102,11 +106,23 @@ pub struct Caller {
 /// choose the entries to flood the map with colliding ones.
 type KeyCache = foldhash::HashMap<KeyHash, (Arc<ApiKeyRecord>, OffsetDateTime)>;
 
+/// Campaigns by id (`None`: there is none), with when they were read.
+type CampaignCache = HashMap<CampaignId, (Option<Arc<Campaign>>, OffsetDateTime)>;
+
+/// A prospect as a reader sees it: the stored prospect and where each enrollment stands, in
+/// the order of its enrollments.
+#[derive(Debug, Clone)]
+pub struct ProspectView {
+    pub prospect: Prospect,
+    pub enrollments: Vec<EnrollmentView>,
+}
+
 /// The prospects service.
 #[derive(Clone)]
 pub struct ProspectService {
     ports: ServicePorts,
     key_cache: Arc<Mutex<KeyCache>>,
+    campaign_cache: Arc<Mutex<CampaignCache>>,
     unsubscribe_secret: Option<UnsubscribeSecret>,
 }
 
@@ -114,7 +130,7 @@ impl ProspectService {
     /// A service over the given ports.
     #[must_use]
     pub fn new(ports: ServicePorts) -> Self {
-        Self { ports, key_cache: Arc::default(), unsubscribe_secret: None }
+        Self { ports, key_cache: Arc::default(), campaign_cache: Arc::default(), unsubscribe_secret: None }
     }
 
     /// Enables unsubscribe links signed with `secret`.
@@ -142,6 +158,41 @@ impl ProspectService {
     pub async fn unsubscribe(&self, token: &str) -> Result<Prospect, ServiceError> {
         let (account, prospect) = self.verify_unsubscribe(token)?;
         self.set_status(account, &ProspectRef::Id(prospect), ProspectStatus::Unsubscribed, StatusReason::UnsubscribeLink).await
+    }
+
+    /// One prospect of the account, and where each of its enrollments stands. Reads the
+    /// prospect (strongly consistent: it sees every acknowledged write) and, through a cache
+    /// kept as long as keys are, its campaigns.
+    ///
+    /// # Errors
+    /// [`ServiceError::NotFound`] when the account has no such prospect; storage errors.
+    #[instrument(level = "debug", skip_all, fields(account_id = %account))]
+    pub async fn get(&self, account: AccountId, prospect: &ProspectRef) -> Result<ProspectView, ServiceError> {
+        let prospect = self.ports.repo.find(account, prospect).await?.ok_or(ServiceError::NotFound)?;
+        let mut enrollments = Vec::with_capacity(prospect.enrollments.len());
+        for enrollment in &prospect.enrollments {
+            let campaign = self.campaign(enrollment.campaign_id).await?;
+            enrollments.push(enrollment_view(&prospect, enrollment, campaign.as_deref()));
+        }
+        Ok(ProspectView { prospect, enrollments })
+    }
+
+    /// A campaign, through the campaign cache.
+    async fn campaign(&self, id: CampaignId) -> Result<Option<Arc<Campaign>>, ServiceError> {
+        let (ttl, now) = (self.ports.key_cache_ttl, self.ports.clock.now());
+        if !ttl.is_zero() {
+            let fresh = |(_, at): &&(Option<Arc<Campaign>>, OffsetDateTime)| (now - *at).unsigned_abs() < ttl;
+            if let Some((campaign, _)) = self.campaign_cache.lock().ok().and_then(|c| c.get(&id).filter(fresh).cloned()) {
+                return Ok(campaign);
+            }
+        }
+        let campaign = self.ports.campaigns.get_campaign(id).await?.map(Arc::new);
+        if !ttl.is_zero() {
+            if let Ok(mut cache) = self.campaign_cache.lock() {
+                cache.insert(id, (campaign.clone(), now));
+            }
+        }
+        Ok(campaign)
     }
 
     /// The stored record of a presented key, through the key cache.
@@ -328,7 +379,7 @@ impl ProspectService {
         let updated = self
             .ports
             .repo
-            .set_status(account, prospect, status, self.ports.clock.now())
+            .set_status(account, prospect, status, reason, self.ports.clock.now())
             .await?
             .ok_or(ServiceError::NotFound)?;
         info!(account_id = %account, prospect_id = %updated.id, status = status.as_str(), reason = reason.as_str(), "prospect status set");

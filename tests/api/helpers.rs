@@ -23,11 +23,11 @@ use shared::backend::Backend;
 use shared::adapters::sqs::SqsQueue;
 use shared::domain::{
     AccountId, Campaign, CampaignId, CampaignDefinition, CampaignJob, ClaimOwner, Clock, KeyId, NormalizedEmail, Prospect, ProspectStatus,
-    RateLimit, SendKey, SendRecord, SendState, SendTally, SystemClock, UnsubscribeSecret,
+    RateLimit, SendKey, StatusReason, SendRecord, SendState, SendTally, SystemClock, UnsubscribeSecret,
 };
 use shared::http::{router, Routes, KEY_HEADER};
 use shared::ports::{
-    ClaimRequest, ClaimResult, Delivered, JobQueue, MailError, Mailer, OutgoingEmail, ProspectRef, ProspectRepository,
+    ClaimRequest, ClaimResult, Delivered, JobQueue, MailError, Mailer, OutgoingEmail, ProspectKey, ProspectRef, ProspectRepository,
     Replacing, SendClaim, SendLog, StoreError, UpsertContext,
 };
 use shared::scheduler::{DeliverySettings, Scheduler};
@@ -193,11 +193,11 @@ impl SendLog for FaultySendLog {
         Ok(result)
     }
 
-    async fn record_send(&self, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError> {
+    async fn record_send(&self, prospect: &ProspectKey, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError> {
         if self.failing_records.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             return Err(StoreError::Unavailable("injected send-log failure".into()));
         }
-        self.inner.record_send(key, owner, state, now).await
+        self.inner.record_send(prospect, key, owner, state, now).await
     }
 
     async fn send_record(&self, key: SendKey) -> Result<Option<SendRecord>, StoreError> {
@@ -236,11 +236,18 @@ impl ProspectRepository for FaultyRepo {
         self.inner.update(previous, updated).await
     }
 
-    async fn set_status(&self, account: AccountId, prospect: &ProspectRef, status: ProspectStatus, now: OffsetDateTime) -> Result<Option<Prospect>, StoreError> {
+    async fn set_status(
+        &self,
+        account: AccountId,
+        prospect: &ProspectRef,
+        status: ProspectStatus,
+        reason: StatusReason,
+        now: OffsetDateTime,
+    ) -> Result<Option<Prospect>, StoreError> {
         if self.failing_status_writes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             return Err(StoreError::Unavailable("injected status-write failure".into()));
         }
-        self.inner.set_status(account, prospect, status, now).await
+        self.inner.set_status(account, prospect, status, reason, now).await
     }
 
     async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError> {

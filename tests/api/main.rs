@@ -13,5 +13,6 @@ mod secrets;
 mod lambda;
 mod mailers;
 mod openapi;
+mod reads;
 mod round_trips;
 mod template;

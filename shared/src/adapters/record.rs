@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::domain::{
-    AccountId, Enrollment, ExternalId, NormalizedEmail, Prospect, ProspectId, ProspectStatus, TextFields,
+    status_history, StatusChange, StepProgress, StoredStatusChange, AccountId, Enrollment, ExternalId, NormalizedEmail, Prospect, ProspectId, ProspectStatus, TextFields,
 };
 use crate::ports::StoreError;
 
@@ -45,6 +45,12 @@ pub(crate) struct ProspectRecord {
     pub version: i64,
     pub updated_at: String,
     pub doc: String,
+    /// The status changes, oldest first (stored apart from the document: a status change
+    /// appends one without rewriting it).
+    pub history: Vec<StoredStatusChange>,
+    /// Each step's recorded outcome (on DynamoDB kept on the item; on SQLite read from the
+    /// send log).
+    pub progress: Vec<StepProgress>,
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -78,6 +84,8 @@ impl ProspectRecord {
             version: i64::try_from(version).unwrap_or(i64::MAX),
             updated_at: rfc3339(p.updated_at),
             doc: serde_json::to_string(&doc).unwrap_or_default(),
+            history: p.history.iter().map(StatusChange::stored).collect(),
+            progress: p.progress.clone(),
         }
     }
 
@@ -98,6 +106,21 @@ impl ProspectRecord {
             version: u64::try_from(self.version).map_err(|_| corrupt("version"))?,
             created_at: doc.created_at,
             updated_at: parse_rfc3339(&self.updated_at)?,
+            history: status_history(&self.history),
+            progress: self.progress,
         })
     }
+}
+
+/// The JSON of one stored status change or step outcome, as both backends keep it.
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// Parses what [`to_json`] wrote.
+///
+/// # Errors
+/// [`StoreError::Other`] when it does not parse.
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(raw: &str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_str(raw).map_err(|_| corrupt(what))
 }

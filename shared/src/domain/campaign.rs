@@ -250,6 +250,9 @@ pub struct Campaign {
     /// the scheduler read, so none slips out after such a change is acknowledged.
     #[serde(default)]
     pub sending_version: u64,
+    /// When the campaign was deactivated (unknown for one deactivated by an earlier version).
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    pub deactivated_at: Option<OffsetDateTime>,
 }
 
 /// One pause of a campaign.
@@ -303,6 +306,7 @@ impl Campaign {
             created_at: now,
             pauses: Vec::new(),
             sending_version: 0,
+            deactivated_at: None,
         }
     }
 
@@ -339,6 +343,7 @@ impl Campaign {
                     open.until = Some(now.max(open.from));
                 }
                 self.active = false;
+                self.deactivated_at = Some(now);
             }
         }
         self.sending_version += 1;

@@ -7,12 +7,14 @@ mod ids;
 mod idempotency;
 mod job;
 mod key;
+mod progress;
 mod prospect;
 mod rate_limit;
 mod send;
 mod unsubscribe;
 
 pub use campaign::{sample_prospect, Campaign, CampaignDefinition, CampaignError, CampaignState, Pause, RenderedEmail, SendingChange, Step};
+pub use progress::{enrollment_view, EndedReason, EnrollmentState, EnrollmentView};
 pub use send::{ClaimOwner, SendKey, SendRecord, SendState, SendTally, SEND_STATES};
 pub use unsubscribe::{InvalidToken, UnsubscribeSecret, WeakSecret};
 pub use email::{EmailError, NormalizedEmail};
@@ -26,7 +28,7 @@ pub use rate_limit::{ceil_seconds, gcra, gcra_take, lease_size, RateDecision, Ra
 pub use key::{ApiKey, ApiKeyRecord, KeyHash};
 pub use prospect::{
     Enrollment, ExternalId, FieldChange, FieldError, Prospect, ProspectChanges, ProspectStatus,
-    StatusError, StatusReason, TextFields, TEXT_FIELDS, METADATA_MAX_BYTES, TEXT_FIELD_MAX_CHARS, text_field_index,
+    StatusError, StatusReason, StatusChange, StoredStatusChange, StepProgress, status_history, TextFields, TEXT_FIELDS, METADATA_MAX_BYTES, TEXT_FIELD_MAX_CHARS, text_field_index,
 };
 
 /// Lowercase hex of `bytes`. (`hex::encode` collects one `char` at a time, which showed in

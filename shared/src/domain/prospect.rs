@@ -88,7 +88,8 @@ impl ProspectStatus {
 }
 
 /// What set a prospect's status: every status change names its cause.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StatusReason {
     /// A PATCH through the API.
     Api,
@@ -107,6 +108,66 @@ impl StatusReason {
             Self::Rejected => "rejected",
         }
     }
+}
+
+/// One change of a prospect's status, as its history keeps it (oldest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusChange {
+    pub from: ProspectStatus,
+    pub to: ProspectStatus,
+    pub at: OffsetDateTime,
+    pub reason: StatusReason,
+}
+
+/// A status change as stored: its `from` is the status before it, so it is not kept (a
+/// store appends a change in the same write that sets the status, without reading first).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredStatusChange {
+    pub to: ProspectStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub reason: StatusReason,
+}
+
+/// The history of status changes from its stored entries: each change's `from` is the
+/// status before it (`new` first); an entry that set the status it found changed nothing
+/// and is left out.
+#[must_use]
+pub fn status_history(stored: &[StoredStatusChange]) -> Vec<StatusChange> {
+    let mut status = ProspectStatus::New;
+    let mut history = Vec::new();
+    for entry in stored {
+        if entry.to != status {
+            history.push(StatusChange { from: status, to: entry.to, at: entry.at, reason: entry.reason });
+            status = entry.to;
+        }
+    }
+    history
+}
+
+impl StatusChange {
+    /// The change as stored.
+    #[must_use]
+    pub fn stored(&self) -> StoredStatusChange {
+        StoredStatusChange { to: self.to, at: self.at, reason: self.reason }
+    }
+}
+
+/// Where one step of one of the prospect's enrollments stands, as the store keeps it with the
+/// prospect (so one read of the prospect tells where each enrollment is). Only outcomes are
+/// kept: a step being sent right now is not here yet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StepProgress {
+    pub enrollment: EnrollmentId,
+    pub step: u32,
+    /// The send state's name (see [`crate::domain::SendState::name`]).
+    pub state: String,
+    /// When the outcome was recorded.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// For `retry_scheduled`: when the retry is due.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub retry_at: Option<OffsetDateTime>,
 }
 
 /// The client's own identifier for a prospect: 1 to 255 characters, unique per account.
@@ -331,6 +392,10 @@ pub struct Prospect {
     pub version: u64,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
+    /// Every status change, oldest first.
+    pub history: Vec<StatusChange>,
+    /// The recorded outcome of each step of each enrollment, in no particular order.
+    pub progress: Vec<StepProgress>,
 }
 
 impl Prospect {
@@ -350,6 +415,8 @@ impl Prospect {
             version: 0,
             created_at: now,
             updated_at: now,
+            history: Vec::new(),
+            progress: Vec::new(),
         }
     }
 
@@ -437,9 +504,12 @@ impl Prospect {
         self.status == ProspectStatus::New && enrollment.seq > self.ended_through
     }
 
-    /// Sets the status; a status other than `new` ends every enrollment. Setting `new` again
-    /// revives none.
-    pub fn set_status(&mut self, status: ProspectStatus, now: OffsetDateTime) {
+    /// Sets the status, for `reason`; a status other than `new` ends every enrollment.
+    /// Setting `new` again revives none. A change is kept in the history.
+    pub fn set_status(&mut self, status: ProspectStatus, reason: StatusReason, now: OffsetDateTime) {
+        if status != self.status {
+            self.history.push(StatusChange { from: self.status, to: status, at: now, reason });
+        }
         self.status = status;
         if status.ends_campaigns() {
             self.ended_through = self.enrollment_count();
@@ -705,9 +775,9 @@ mod tests {
         let mut p = prospect();
         let now = OffsetDateTime::UNIX_EPOCH;
         let first = p.enroll(CampaignId::new(), now).unwrap();
-        p.set_status(ProspectStatus::Converted, now);
+        p.set_status(ProspectStatus::Converted, StatusReason::Api, now);
         assert!(!p.is_active(&first));
-        p.set_status(ProspectStatus::New, now);
+        p.set_status(ProspectStatus::New, StatusReason::Api, now);
         assert!(!p.is_active(&first));
         let second = p.enroll(CampaignId::new(), now).unwrap();
         assert!(p.is_active(&second));
@@ -724,7 +794,7 @@ mod tests {
     #[test]
     fn a_converted_prospect_is_never_enrolled() {
         let mut p = prospect();
-        p.set_status(ProspectStatus::Bounced, OffsetDateTime::UNIX_EPOCH);
+        p.set_status(ProspectStatus::Bounced, StatusReason::Rejected, OffsetDateTime::UNIX_EPOCH);
         assert!(p.enroll(CampaignId::new(), OffsetDateTime::UNIX_EPOCH).is_none());
     }
 

@@ -5,9 +5,11 @@ mod error;
 mod idempotency;
 mod openapi;
 mod request;
+mod resource;
 mod unsubscribe;
 
 pub use openapi::OPENAPI_JSON;
+pub use resource::{EnrollmentResource, ProspectResource};
 
 use std::sync::Arc;
 
@@ -17,7 +19,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{patch, post};
+use axum::routing::{get, patch, post};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -50,6 +52,8 @@ pub enum Routes {
     Upsert,
     /// Both PATCH routes.
     Status,
+    /// The read routes: `GET` of one prospect by id or external_id.
+    Read,
     /// `GET` and `POST /unsubscribe/{token}` (no API key: the token is the credential).
     Unsubscribe,
 }
@@ -66,8 +70,14 @@ pub fn router(service: ProspectService, routes: Routes) -> Router {
             .route(PROSPECT_BY_ID_PATH, patch(patch_by_id))
             .route(PROSPECT_BY_EXTERNAL_ID_PATH, patch(patch_by_external_id));
     }
+    // The same paths: their method routers merge.
+    if matches!(routes, Routes::All | Routes::Read) {
+        router = router
+            .route(PROSPECT_BY_ID_PATH, get(get_by_id))
+            .route(PROSPECT_BY_EXTERNAL_ID_PATH, get(get_by_external_id));
+    }
     if routes == Routes::All {
-        router = router.route(OPENAPI_PATH, axum::routing::get(openapi::document));
+        router = router.route(OPENAPI_PATH, get(openapi::document));
     }
     if matches!(routes, Routes::All | Routes::Unsubscribe) {
         router = router.route(
@@ -194,6 +204,28 @@ async fn patch_by_external_id(
 ) -> Response {
     let reference = id.ok().and_then(|Path(raw)| ExternalId::parse(&raw).ok()).map(ProspectRef::ExternalId);
     with_rate_limit(set_status(&service, &caller, &idempotency, reference, body).await, &caller)
+}
+
+async fn get_by_id(Admitted(caller): Admitted, State(service): State<AppState>, id: Result<Path<String>, PathRejection>) -> Response {
+    let reference = id.ok().and_then(|Path(raw)| ProspectId::parse(&raw).ok()).map(ProspectRef::Id);
+    with_rate_limit(read_prospect(&service, &caller, reference).await, &caller)
+}
+
+async fn get_by_external_id(Admitted(caller): Admitted, State(service): State<AppState>, id: Result<Path<String>, PathRejection>) -> Response {
+    let reference = id.ok().and_then(|Path(raw)| ExternalId::parse(&raw).ok()).map(ProspectRef::ExternalId);
+    with_rate_limit(read_prospect(&service, &caller, reference).await, &caller)
+}
+
+/// Both GET routes: a malformed reference is a prospect not found, as an unknown one is.
+async fn read_prospect(service: &ProspectService, caller: &Caller, prospect: Option<ProspectRef>) -> Response {
+    let Some(prospect) = prospect else { return ApiError::ProspectNotFound.into_response() };
+    match service.get(caller.account, &prospect).await {
+        Ok(view) => match serde_json::to_vec(&ProspectResource::from(&view)) {
+            Ok(body) => json_response(StatusCode::OK, body),
+            Err(e) => ApiError::Internal(Box::new(e)).into_response(),
+        },
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 /// Both PATCH routes: the body is checked first (400), then the prospect looked up (404).

@@ -4,14 +4,14 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::types::{Delete, KeysAndAttributes, Put, ReturnValue, TransactWriteItem};
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, KeysAndAttributes, Put, ReturnValue, TransactWriteItem};
 use time::OffsetDateTime;
 
 use super::{
     account_pk, campaign_pk, doc_of, external_pointer_pk, get_n, get_s, id_pointer_pk, key, n, prospect_pk, s, sdk_error, DynamoStore, Item,
 };
-use crate::adapters::record::{rfc3339, ProspectRecord};
-use crate::domain::{Account, AccountId, CampaignId, NormalizedEmail, Prospect, ProspectStatus};
+use crate::adapters::record::{from_json, rfc3339, to_json, ProspectRecord};
+use crate::domain::{Account, AccountId, CampaignId, EnrollmentId, NormalizedEmail, Prospect, ProspectStatus, StatusReason, StoredStatusChange};
 use crate::ports::{Conflict, ProspectRef, ProspectRepository, Replacing, StoreError, UpsertContext};
 
 fn prospect_item(r: &ProspectRecord, enroll_count: u32) -> Item {
@@ -30,8 +30,21 @@ fn prospect_item(r: &ProspectRecord, enroll_count: u32) -> Item {
     if let Some(ext) = &r.external_id {
         item.insert("external_id".to_owned(), s(ext));
     }
+    if !r.history.is_empty() {
+        item.insert("history".to_owned(), AttributeValue::L(r.history.iter().map(|c| s(to_json(c))).collect()));
+    }
+    for step in &r.progress {
+        item.insert(progress_attribute(step.enrollment, step.step), s(to_json(step)));
+    }
     item
 }
+
+/// The prospect item's attribute holding one step's recorded outcome.
+pub(super) fn progress_attribute(enrollment: EnrollmentId, step: u32) -> String {
+    format!("{PROGRESS_PREFIX}{enrollment}#{step}")
+}
+
+const PROGRESS_PREFIX: &str = "step#";
 
 fn prospect_from_item(item: &Item) -> Result<Prospect, StoreError> {
     ProspectRecord {
@@ -44,6 +57,17 @@ fn prospect_from_item(item: &Item) -> Result<Prospect, StoreError> {
         version: get_n(item, "version")?,
         updated_at: get_s(item, "updated_at")?,
         doc: get_s(item, "doc")?,
+        history: match item.get("history") {
+            Some(AttributeValue::L(entries)) => {
+                entries.iter().map(|e| e.as_s().map_err(|_| StoreError::other("stored status history is not text")).and_then(|raw| from_json(raw, "status history"))).collect::<Result<_, _>>()?
+            }
+            _ => Vec::new(),
+        },
+        progress: item
+            .iter()
+            .filter(|(name, _)| name.starts_with(PROGRESS_PREFIX))
+            .map(|(_, v)| v.as_s().map_err(|_| StoreError::other("stored step progress is not text")).and_then(|raw| from_json(raw, "step progress")))
+            .collect::<Result<_, _>>()?,
     }
     .into_prospect()
 }
@@ -175,10 +199,15 @@ impl ProspectRepository for DynamoStore {
         account: AccountId,
         prospect: &ProspectRef,
         status: ProspectStatus,
+        reason: StatusReason,
         now: OffsetDateTime,
     ) -> Result<Option<Prospect>, StoreError> {
         let Some(pk) = self.resolve(account, prospect).await? else { return Ok(None) };
-        let mut expression = "SET #status = :s, updated_at = :now, version = version + :one".to_owned();
+        // The change is appended unread: its `from` is the status before it (see
+        // `StoredStatusChange`), and one that changes nothing is left out when read.
+        let change = StoredStatusChange { to: status, at: now, reason };
+        let mut expression =
+            "SET #status = :s, updated_at = :now, version = version + :one, history = list_append(if_not_exists(history, :none), :change)".to_owned();
         if status.ends_campaigns() {
             expression.push_str(", ended_through = enroll_count");
         }
@@ -194,6 +223,8 @@ impl ProspectRepository for DynamoStore {
             .expression_attribute_values(":now", s(rfc3339(now)))
             .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":account", s(account.to_string()))
+            .expression_attribute_values(":none", AttributeValue::L(Vec::new()))
+            .expression_attribute_values(":change", AttributeValue::L(vec![s(to_json(&change))]))
             .return_values(ReturnValue::AllNew)
             .send()
             .await;

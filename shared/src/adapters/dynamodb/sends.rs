@@ -2,13 +2,15 @@
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::types::{ConditionCheck, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{ConditionCheck, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update};
 use time::OffsetDateTime;
 
+use super::prospects::progress_attribute;
 use super::{campaign_pk, get_n, get_s, key, n, prospect_pk, s, sdk_error, DynamoStore, Item};
-use crate::adapters::record::rfc3339;
-use crate::domain::{CampaignId, ClaimOwner, EnrollmentId, ProspectStatus, SendKey, SendRecord, SendState, SendTally};
-use crate::ports::{ClaimRequest, ClaimResult, SendLog, StoreError};
+use crate::adapters::record::{rfc3339, to_json};
+use crate::domain::{CampaignId, ClaimOwner, EnrollmentId, ProspectStatus, SendKey, SendRecord, SendState, SendTally, StepProgress};
+use crate::ports::{ClaimRequest, ClaimResult, ProspectKey, SendLog, StoreError};
 
 /// How long a send record is kept (DynamoDB TTL attribute `expires_at`): longer than any
 /// campaign can run.
@@ -132,10 +134,19 @@ impl SendLog for DynamoStore {
         Err(sdk_error(e))
     }
 
-    async fn record_send(&self, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError> {
-        let mut update = self
-            .client
-            .update_item()
+    /// One `TransactWriteItems`: the record's update, conditional on the claim's owner, and
+    /// the outcome kept on the prospect item (for reads of the prospect: see
+    /// [`crate::domain::Prospect::progress`]), bumping its version so an upsert that read it
+    /// before writes again. A prospect item gone meanwhile gets the record's update alone.
+    async fn record_send(
+        &self,
+        prospect: &ProspectKey,
+        key: SendKey,
+        owner: ClaimOwner,
+        state: &SendState,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let mut update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(self::key(send_pk(key))))
             .condition_expression("#state = :claimed AND #owner = :owner")
@@ -150,13 +161,56 @@ impl SendLog for DynamoStore {
             expression.push_str(", detail = :detail");
             update = update.expression_attribute_values(":detail", s(detail));
         }
-        if let SendState::RetryScheduled { attempt, retry_at, .. } = state {
+        let mut retry_at = None;
+        if let SendState::RetryScheduled { attempt, retry_at: at, .. } = state {
             expression.push_str(", retry_at = :retry_at, attempts = :attempts");
-            update = update
-                .expression_attribute_values(":retry_at", s(rfc3339(*retry_at)))
-                .expression_attribute_values(":attempts", n(*attempt));
+            update = update.expression_attribute_values(":retry_at", s(rfc3339(*at))).expression_attribute_values(":attempts", n(*attempt));
+            retry_at = Some(*at);
         }
-        match update.update_expression(expression).send().await {
+        let record = build(update.update_expression(expression).build())?;
+        let progress = StepProgress { enrollment: key.enrollment, step: key.step, state: state.name().to_owned(), at: now, retry_at };
+        let on_prospect = build(
+            Update::builder()
+                .table_name(&self.table)
+                .set_key(Some(self::key(prospect_pk(&prospect.account.to_string(), &prospect.email_hash))))
+                .condition_expression("id = :pid")
+                .update_expression("SET #progress = :progress, version = version + :one")
+                .expression_attribute_names("#progress", progress_attribute(key.enrollment, key.step))
+                .expression_attribute_values(":pid", s(prospect.prospect.to_string()))
+                .expression_attribute_values(":progress", s(to_json(&progress)))
+                .expression_attribute_values(":one", n(1))
+                .build(),
+        )?;
+        let items = vec![TransactWriteItem::builder().update(record.clone()).build(), TransactWriteItem::builder().update(on_prospect).build()];
+        let Err(e) = self.client.transact_write_items().set_transact_items(Some(items)).send().await else { return Ok(true) };
+        let failed = |i: usize| match &e {
+            SdkError::ServiceError(se) => match se.err() {
+                TransactWriteItemsError::TransactionCanceledException(tc) => {
+                    tc.cancellation_reasons().get(i).and_then(|r| r.code()) == Some("ConditionalCheckFailed")
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if failed(0) {
+            return Ok(false);
+        }
+        if !failed(1) {
+            return Err(sdk_error(e));
+        }
+        // The prospect is gone (erased): the record is updated alone.
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(record.key))
+            .condition_expression(record.condition_expression.unwrap_or_default())
+            .update_expression(record.update_expression)
+            .set_expression_attribute_names(record.expression_attribute_names)
+            .set_expression_attribute_values(record.expression_attribute_values)
+            .send()
+            .await;
+        match result {
             Ok(_) => Ok(true),
             Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => Ok(false),
             Err(e) => Err(sdk_error(e)),

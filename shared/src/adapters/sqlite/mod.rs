@@ -126,11 +126,14 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("outbox", "mime", "TEXT"),
     ("outbox", "message_id", "TEXT"),
     ("sends", "campaign_id", "TEXT"),
+    ("sends", "prospect_id", "TEXT"),
+    ("prospects", "history", "TEXT"),
 ];
 
 /// Indexes on columns of [`ADDED_COLUMNS`], created once those exist.
 const ADDED_INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS sends_campaign ON sends(campaign_id, step, state);
+CREATE INDEX IF NOT EXISTS sends_prospect ON sends(prospect_id);
 ";
 
 /// Adds the columns of [`ADDED_COLUMNS`] that a table lacks.

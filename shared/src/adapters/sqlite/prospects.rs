@@ -5,14 +5,16 @@ use rusqlite::{params, Connection, OptionalExtension};
 use time::OffsetDateTime;
 
 use super::{db_error, execute, get_doc, query_row, SqliteStore};
-use crate::adapters::record::{rfc3339, ProspectRecord};
-use crate::domain::{Account, AccountId, CampaignId, NormalizedEmail, Prospect, ProspectStatus};
+use crate::adapters::record::{from_json, parse_rfc3339, rfc3339, to_json, ProspectRecord};
+use crate::domain::{
+    Account, AccountId, CampaignId, EnrollmentId, NormalizedEmail, Prospect, ProspectStatus, StatusChange, StatusReason, StepProgress,
+};
 use crate::ports::{Conflict, ProspectRef, ProspectRepository, Replacing, StoreError, UpsertContext};
 
 /// The columns of `prospects`, in the order [`read_prospect`] reads them.
 macro_rules! prospect_columns {
     () => {
-        "id, account_id, email_hash, external_id, status, ended_through, version, updated_at, doc"
+        "id, account_id, email_hash, external_id, status, ended_through, version, updated_at, doc, history"
     };
 }
 
@@ -23,8 +25,8 @@ macro_rules! select_prospect_by {
     };
 }
 
-fn read_prospect(row: &rusqlite::Row<'_>) -> rusqlite::Result<ProspectRecord> {
-    Ok(ProspectRecord {
+fn read_prospect(row: &rusqlite::Row<'_>) -> rusqlite::Result<(ProspectRecord, Option<String>)> {
+    let record = ProspectRecord {
         id: row.get(0)?,
         account_id: row.get(1)?,
         email_hash: row.get(2)?,
@@ -34,7 +36,39 @@ fn read_prospect(row: &rusqlite::Row<'_>) -> rusqlite::Result<ProspectRecord> {
         version: row.get(6)?,
         updated_at: row.get(7)?,
         doc: row.get(8)?,
-    })
+        history: Vec::new(),
+        progress: Vec::new(),
+    };
+    Ok((record, row.get(9)?))
+}
+
+/// The JSON a prospect's status history is stored as.
+fn history_json(p: &Prospect) -> String {
+    to_json(&p.history.iter().map(StatusChange::stored).collect::<Vec<_>>())
+}
+
+/// Each step's recorded outcome for the prospect, from the send log.
+fn read_progress(conn: &Connection, prospect_id: &str) -> Result<Vec<StepProgress>, StoreError> {
+    let mut statement = conn
+        .prepare_cached("SELECT enrollment_id, step, state, updated_at, claimed_at, retry_at FROM sends WHERE prospect_id = ?1 AND state <> 'claimed'")
+        .map_err(db_error)?;
+    let rows = statement
+        .query_map([prospect_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<String>>(3)?, r.get::<_, String>(4)?, r.get::<_, Option<String>>(5)?))
+        })
+        .map_err(db_error)?;
+    let mut progress = Vec::new();
+    for row in rows {
+        let (enrollment, step, state, updated_at, claimed_at, retry_at) = row.map_err(db_error)?;
+        progress.push(StepProgress {
+            enrollment: EnrollmentId::parse(&enrollment).map_err(|_| StoreError::other("stored send record has an invalid enrollment id"))?,
+            step,
+            state,
+            at: parse_rfc3339(updated_at.as_deref().unwrap_or(&claimed_at))?,
+            retry_at: retry_at.as_deref().map(parse_rfc3339).transpose()?,
+        });
+    }
+    Ok(progress)
 }
 
 fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
@@ -48,11 +82,13 @@ fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Res
 
 /// The account's prospect that `sql` (a `select_prospect_by!`) finds by `value`.
 fn find_prospect_where(conn: &Connection, sql: &str, account: AccountId, value: &str) -> Result<Option<Prospect>, StoreError> {
-    query_row(conn, sql, params![account.to_string(), value], read_prospect)
-        .optional()
-        .map_err(db_error)?
-        .map(ProspectRecord::into_prospect)
-        .transpose()
+    let Some((mut record, history)) = query_row(conn, sql, params![account.to_string(), value], read_prospect).optional().map_err(db_error)?
+    else {
+        return Ok(None);
+    };
+    record.history = history.as_deref().map(|h| from_json(h, "status history")).transpose()?.unwrap_or_default();
+    record.progress = read_progress(conn, &record.id)?;
+    record.into_prospect().map(Some)
 }
 
 /// Maps a unique-constraint failure to the conflict it means.
@@ -97,11 +133,12 @@ impl ProspectRepository for SqliteStore {
 
     async fn insert(&self, prospect: Prospect) -> Result<(), StoreError> {
         let r = ProspectRecord::from_prospect(&prospect, 1);
+        let history = history_json(&prospect);
         self.write(move |conn| {
             execute(
                 conn,
-                concat!("INSERT INTO prospects (", prospect_columns!(), ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
-                params![r.id, r.account_id, r.email_hash, r.external_id, r.status, r.ended_through, r.version, r.updated_at, r.doc],
+                concat!("INSERT INTO prospects (", prospect_columns!(), ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                params![r.id, r.account_id, r.email_hash, r.external_id, r.status, r.ended_through, r.version, r.updated_at, r.doc, history],
             )
             .map_err(write_error)?;
             Ok(())
@@ -133,6 +170,7 @@ impl ProspectRepository for SqliteStore {
         account: AccountId,
         prospect: &ProspectRef,
         status: ProspectStatus,
+        reason: StatusReason,
         now: OffsetDateTime,
     ) -> Result<Option<Prospect>, StoreError> {
         let by = prospect.clone();
@@ -140,12 +178,12 @@ impl ProspectRepository for SqliteStore {
         // change the prospect in between.
         self.write(move |conn| {
             let Some(mut p) = find_prospect(conn, account, &by)? else { return Ok(None) };
-            p.set_status(status, now);
+            p.set_status(status, reason, now);
             p.version += 1;
             execute(
                 conn,
-                "UPDATE prospects SET status = ?2, ended_through = ?3, version = version + 1, updated_at = ?4 WHERE id = ?1",
-                params![p.id.to_string(), p.status.as_str(), p.ended_through, rfc3339(now)],
+                "UPDATE prospects SET status = ?2, ended_through = ?3, version = version + 1, updated_at = ?4, history = ?5 WHERE id = ?1",
+                params![p.id.to_string(), p.status.as_str(), p.ended_through, rfc3339(now), history_json(&p)],
             )
             .map_err(db_error)?;
             Ok(Some(p))

@@ -8,7 +8,7 @@ use super::{db_error, execute, json_error, query_row, unix_ms, LeasedJob, Sqlite
 use crate::adapters::record::rfc3339;
 use crate::domain::{CampaignId, CampaignJob, ClaimOwner, SendKey, SendRecord, SendState, SendTally};
 use crate::ports::{
-    ClaimRequest, ClaimResult, Delivered, JobQueue, MailError, Mailer, OutgoingEmail, PullQueue, SendClaim, SendLog, StoreError,
+    ClaimRequest, ClaimResult, Delivered, JobQueue, MailError, Mailer, OutgoingEmail, ProspectKey, PullQueue, SendClaim, SendLog, StoreError,
 };
 
 /// An email the outbox mailer stored instead of sending: the exact MIME message the SMTP and
@@ -350,11 +350,19 @@ impl SendLog for SqliteStore {
             let now = rfc3339(claim.now);
             execute(
                 conn,
-                "INSERT INTO sends (enrollment_id, step, state, owner, detail, attempts, retry_at, claimed_at, updated_at, campaign_id)
-                 VALUES (?1, ?2, 'claimed', ?3, NULL, ?4, NULL, ?5, ?5, ?6)
+                "INSERT INTO sends (enrollment_id, step, state, owner, detail, attempts, retry_at, claimed_at, updated_at, campaign_id, prospect_id)
+                 VALUES (?1, ?2, 'claimed', ?3, NULL, ?4, NULL, ?5, ?5, ?6, ?7)
                  ON CONFLICT (enrollment_id, step) DO UPDATE SET state = 'claimed', owner = ?3, detail = NULL,
-                     attempts = ?4, retry_at = NULL, claimed_at = ?5, updated_at = ?5, campaign_id = ?6",
-                params![claim.key.enrollment.to_string(), claim.key.step, claim.owner.to_string(), claim.attempt + 1, now, claim.campaign.to_string()],
+                     attempts = ?4, retry_at = NULL, claimed_at = ?5, updated_at = ?5, campaign_id = ?6, prospect_id = ?7",
+                params![
+                    claim.key.enrollment.to_string(),
+                    claim.key.step,
+                    claim.owner.to_string(),
+                    claim.attempt + 1,
+                    now,
+                    claim.campaign.to_string(),
+                    claim.prospect.to_string()
+                ],
             )
             .map_err(db_error)?;
             Ok(ClaimResult::Won)
@@ -362,7 +370,8 @@ impl SendLog for SqliteStore {
         .await
     }
 
-    async fn record_send(&self, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError> {
+    /// The prospect's progress is read from the send log itself: only the record is written.
+    async fn record_send(&self, _: &ProspectKey, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError> {
         let state = state.clone();
         self.write(move |conn| record_send_on(conn, key, owner, &state, now)).await
     }

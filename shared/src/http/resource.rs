@@ -1,0 +1,84 @@
+//! The prospect resource: the one representation every read of a prospect returns (GET, the
+//! CLI's `prospects show`), converted from the domain at the edge.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::domain::{EnrollmentView, StatusReason, TEXT_FIELDS};
+use crate::service::ProspectView;
+
+/// RFC 3339 in UTC, as every time in the API is written.
+fn utc(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC).format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// A prospect as the API returns it.
+#[derive(Debug, Serialize)]
+pub struct ProspectResource<'a> {
+    pub id: String,
+    pub email: &'a str,
+    pub status: &'static str,
+    pub status_changed_at: String,
+    pub status_reason: &'static str,
+    /// Every text field, `null` when unset.
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+    pub external_id: Option<&'a str>,
+    pub metadata: &'a Map<String, Value>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub enrollments: Vec<EnrollmentResource>,
+}
+
+/// One enrollment of a prospect as the API returns it; steps are numbered from 1.
+#[derive(Debug, Serialize)]
+pub struct EnrollmentResource {
+    pub id: String,
+    pub campaign_id: String,
+    pub state: &'static str,
+    pub enrolled_at: String,
+    pub steps_sent: u32,
+    pub next_step: Option<u32>,
+    pub next_send_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub ended_reason: Option<&'static str>,
+}
+
+impl From<&EnrollmentView> for EnrollmentResource {
+    fn from(e: &EnrollmentView) -> Self {
+        Self {
+            id: e.id.to_string(),
+            campaign_id: e.campaign_id.to_string(),
+            state: e.state.as_str(),
+            enrolled_at: utc(e.enrolled_at),
+            steps_sent: e.steps_sent,
+            next_step: e.next_step.map(|s| s + 1),
+            next_send_at: e.next_send_at.map(utc),
+            ended_at: e.ended_at.map(utc),
+            ended_reason: e.ended_reason.map(|r| r.as_str()),
+        }
+    }
+}
+
+impl<'a> From<&'a ProspectView> for ProspectResource<'a> {
+    fn from(view: &'a ProspectView) -> Self {
+        let p = &view.prospect;
+        let last = p.history.last();
+        let fields = TEXT_FIELDS.iter().map(|name| ((*name).to_owned(), p.fields.get(name).map_or(Value::Null, |v| Value::String(v.to_owned())))).collect();
+        Self {
+            id: p.id.to_string(),
+            email: p.email.original(),
+            status: p.status.as_str(),
+            // Never changed: the status is the one it was created with.
+            status_changed_at: utc(last.map_or(p.created_at, |c| c.at)),
+            status_reason: last.map_or(StatusReason::Api, |c| c.reason).as_str(),
+            fields,
+            external_id: p.external_id.as_ref().map(|e| e.as_str()),
+            metadata: &p.metadata,
+            created_at: utc(p.created_at),
+            updated_at: utc(p.updated_at),
+            enrollments: view.enrollments.iter().map(EnrollmentResource::from).collect(),
+        }
+    }
+}

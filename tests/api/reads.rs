@@ -1,0 +1,184 @@
+//! The read API on both backends: GET of one prospect by id or external_id returns the one
+//! prospect resource, sees every acknowledged write at once, and shows where each enrollment
+//! stands.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use shared::domain::{Clock, ProspectId, SendingChange};
+use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime};
+
+use crate::contract_tests;
+use crate::helpers::{Kind, MailFault, TestApp};
+
+contract_tests!(
+    get_returns_the_prospect_resource_by_id_and_by_external_id,
+    get_sees_a_patch_at_once_with_its_reason_and_the_enrollments_it_ended,
+    get_hides_unknown_malformed_and_foreign_prospects,
+    get_shows_where_each_enrollment_stands_as_its_steps_are_sent,
+    get_shows_paused_deactivated_and_rejected_enrollments,
+);
+
+impl TestApp {
+    /// GETs a path under /api/v1/prospects/ with this app's key.
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(Method::GET, &format!("/api/v1/prospects/{path}"), Some(&self.key), String::new()).await
+    }
+
+    /// The resource of the prospect at `path`, which must exist.
+    async fn resource(&self, path: &str) -> Value {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    }
+}
+
+fn time_of(v: &Value) -> OffsetDateTime {
+    OffsetDateTime::parse(v.as_str().unwrap_or_else(|| panic!("a time, not {v}")), &Rfc3339).unwrap()
+}
+
+/// The same instant, to the second (stores keep sub-second precision; comparisons need not).
+fn same_second(a: OffsetDateTime, b: OffsetDateTime) -> bool {
+    (a - b).abs() < Duration::seconds(1)
+}
+
+async fn get_returns_the_prospect_resource_by_id_and_by_external_id(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let (_, created) = app
+        .post(&json!({"email": "  Ada.Lovelace@Example.COM ", "first_name": "Ada", "utm_source": "ads",
+                      "external_id": "crm/7 ü", "metadata": {"plan": "pro", "seats": 3}}))
+        .await;
+    let id = created["prospect_id"].as_str().unwrap().to_owned();
+
+    let body = app.resource(&id).await;
+    assert_eq!(body["id"], id.as_str());
+    assert_eq!(body["email"], "Ada.Lovelace@Example.COM", "as sent, trimmed");
+    assert_eq!((body["status"].as_str(), body["status_reason"].as_str()), (Some("new"), Some("api")));
+    assert_eq!(body["first_name"], "Ada");
+    assert_eq!(body["utm_source"], "ads");
+    assert!(body["last_name"].is_null() && body.as_object().unwrap().contains_key("last_name"), "every text field, null when unset");
+    assert_eq!(body["external_id"], "crm/7 ü");
+    assert_eq!(body["metadata"], json!({"plan": "pro", "seats": 3}));
+    let created_at = time_of(&body["created_at"]);
+    assert!(body["created_at"].as_str().unwrap().ends_with('Z'), "UTC");
+    assert!(same_second(created_at, app.clock.now()));
+    assert_eq!(body["updated_at"], body["created_at"]);
+    assert_eq!(body["status_changed_at"], body["created_at"]);
+    let enrollments = body["enrollments"].as_array().unwrap();
+    assert_eq!(enrollments.len(), 1);
+    let enrollment = &enrollments[0];
+    assert_eq!(enrollment["campaign_id"], app.campaign.id.to_string());
+    assert_eq!((enrollment["state"].as_str(), enrollment["steps_sent"].as_u64(), enrollment["next_step"].as_u64()), (Some("active"), Some(0), Some(1)));
+    assert!(same_second(time_of(&enrollment["next_send_at"]), created_at), "the first step is due at once");
+    assert!(enrollment["ended_at"].is_null() && enrollment["ended_reason"].is_null());
+    assert!(enrollment["id"].is_string() && enrollment["enrolled_at"] == body["created_at"]);
+
+    let by_external = app.resource("external/crm%2F7%20%C3%BC").await;
+    assert_eq!(by_external, body, "one representation, whatever the route");
+}
+
+async fn get_sees_a_patch_at_once_with_its_reason_and_the_enrollments_it_ended(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let (_, created) = app.post(&json!({"email": "bo@example.com", "external_id": "bo"})).await;
+    let id = created["prospect_id"].as_str().unwrap().to_owned();
+    app.clock.advance(Duration::minutes(5));
+
+    assert_eq!(app.patch(&id, &json!({"status": "converted"})).await.0, 200);
+    let body = app.resource(&id).await;
+    assert_eq!((body["status"].as_str(), body["status_reason"].as_str()), (Some("converted"), Some("api")));
+    let changed_at = time_of(&body["status_changed_at"]);
+    assert!(same_second(changed_at, app.clock.now()));
+    assert_eq!(body["updated_at"], body["status_changed_at"]);
+    let enrollment = &body["enrollments"][0];
+    assert_eq!((enrollment["state"].as_str(), enrollment["ended_reason"].as_str()), (Some("ended"), Some("converted")));
+    assert_eq!(enrollment["ended_at"], body["status_changed_at"]);
+    assert!(enrollment["next_step"].is_null() && enrollment["next_send_at"].is_null());
+
+    // A PATCH that sets the status the prospect has changes nothing it reports.
+    app.clock.advance(Duration::minutes(5));
+    assert_eq!(app.patch("external/bo", &json!({"status": "converted"})).await.0, 200);
+    assert_eq!(app.resource("external/bo").await["status_changed_at"], body["status_changed_at"]);
+
+    let token = crate::helpers::test_secret().sign(app.account, ProspectId::parse(&id).unwrap());
+    let (status, _) = app.send(Method::POST, &format!("/unsubscribe/{token}"), None, "List-Unsubscribe=One-Click".into()).await;
+    assert_eq!(status, 200, "the one-click unsubscribe");
+    let body = app.resource(&id).await;
+    assert_eq!((body["status"].as_str(), body["status_reason"].as_str()), (Some("unsubscribed"), Some("unsubscribe_link")));
+    assert_eq!(body["enrollments"][0]["ended_reason"], "converted", "what ended it first");
+}
+
+async fn get_hides_unknown_malformed_and_foreign_prospects(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let (_, created) = app.post(&json!({"email": "kim@example.com", "external_id": "kim"})).await;
+    let id = created["prospect_id"].as_str().unwrap().to_owned();
+    let (_, other_key) = app.other_account().await;
+
+    let not_found = json!({"error": "Prospect not found"});
+    for path in [ProspectId::new().to_string(), "not-a-uuid".to_owned(), "external/nobody".to_owned()] {
+        assert_eq!(app.get(&path).await, (404, not_found.clone()), "{path}");
+    }
+    assert_eq!(app.get("external/").await.0, 404);
+    for path in [format!("/api/v1/prospects/{id}"), "/api/v1/prospects/external/kim".to_owned()] {
+        assert_eq!(app.send(Method::GET, &path, Some(&other_key), String::new()).await, (404, not_found.clone()), "other account");
+        let (status, body) = app.send(Method::GET, &path, None, String::new()).await;
+        assert_eq!((status, body), (401, json!({"error": "Missing or invalid X-CadenHQ-Key"})));
+    }
+}
+
+async fn get_shows_where_each_enrollment_stands_as_its_steps_are_sent(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let (_, created) = app.post(&json!({"email": "cy@example.com", "first_name": "Cy"})).await;
+    let id = created["prospect_id"].as_str().unwrap().to_owned();
+    let enrolled_at = app.clock.now();
+
+    app.tick(1).await;
+    let enrollment = app.resource(&id).await["enrollments"][0].clone();
+    assert_eq!((enrollment["state"].as_str(), enrollment["steps_sent"].as_u64(), enrollment["next_step"].as_u64()), (Some("active"), Some(1), Some(2)));
+    assert!(same_second(time_of(&enrollment["next_send_at"]), enrolled_at + Duration::seconds(600)), "{enrollment}");
+
+    // The second step's provider answer is unknown: over, never resent, but not sent.
+    app.mailer.fail_next(MailFault::TookItButTimedOut);
+    app.clock.advance(Duration::seconds(600));
+    app.tick(1).await;
+    let enrollment = app.resource(&id).await["enrollments"][0].clone();
+    assert_eq!((enrollment["steps_sent"].as_u64(), enrollment["next_step"].as_u64()), (Some(1), Some(3)), "{enrollment}");
+    assert!(same_second(time_of(&enrollment["next_send_at"]), enrolled_at + Duration::seconds(600 + 259_200)));
+
+    app.clock.advance(Duration::seconds(259_200));
+    app.tick(1).await;
+    let enrollment = app.resource(&id).await["enrollments"][0].clone();
+    assert_eq!((enrollment["state"].as_str(), enrollment["steps_sent"].as_u64()), (Some("completed"), Some(2)), "{enrollment}");
+    assert!(enrollment["next_step"].is_null() && enrollment["next_send_at"].is_null() && enrollment["ended_reason"].is_null());
+
+    // Completed stays completed when the prospect converts later.
+    assert_eq!(app.patch(&id, &json!({"status": "converted"})).await.0, 200);
+    assert_eq!(app.resource(&id).await["enrollments"][0]["state"], "completed");
+}
+
+async fn get_shows_paused_deactivated_and_rejected_enrollments(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let (_, rae) = app.post(&json!({"email": "rae@example.com"})).await;
+    app.mailer.fail_next(MailFault::Reject);
+    app.tick(1).await;
+    let body = app.resource(rae["prospect_id"].as_str().unwrap()).await;
+    assert_eq!((body["status"].as_str(), body["status_reason"].as_str()), (Some("bounced"), Some("rejected")));
+    let enrollment = &body["enrollments"][0];
+    assert_eq!((enrollment["state"].as_str(), enrollment["ended_reason"].as_str(), enrollment["steps_sent"].as_u64()), (Some("ended"), Some("rejected"), Some(0)));
+
+    let webinar = app.create_campaign("Webinar").await;
+    let (_, created) = app.post(&json!({"email": "di@example.com"})).await;
+    let id = created["prospect_id"].as_str().unwrap().to_owned();
+    app.post(&json!({"email": "di@example.com", "campaign_id": webinar.id.to_string()})).await;
+    app.tick(1).await;
+
+    shared::admin::change_campaign_sending(app.backend.admin.as_ref(), app.campaign.id, SendingChange::Pause, app.clock.as_ref()).await.unwrap();
+    app.clock.advance(Duration::minutes(1));
+    shared::admin::change_campaign_sending(app.backend.admin.as_ref(), webinar.id, SendingChange::Deactivate, app.clock.as_ref()).await.unwrap();
+    let body = app.resource(&id).await;
+    let (paused, deactivated) = (&body["enrollments"][0], &body["enrollments"][1]);
+    assert_eq!((paused["state"].as_str(), paused["next_step"].as_u64()), (Some("active"), Some(2)), "{paused}");
+    assert!(paused["next_send_at"].is_null(), "nothing is due while the campaign is paused");
+    assert_eq!((deactivated["state"].as_str(), deactivated["ended_reason"].as_str()), (Some("ended"), Some("campaign_deactivated")));
+    assert!(same_second(time_of(&deactivated["ended_at"]), app.clock.now()));
+
+}
