@@ -217,7 +217,8 @@ pub trait SendLog: Send + Sync {
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
     async fn claim_send(&self, claim: &ClaimRequest) -> Result<ClaimResult, StoreError>;
 
-    /// Moves a step still claimed by `owner` to `state`, and keeps the outcome with the
+    /// Moves a step still claimed by `owner` to `state` (with the `subject` of the email
+    /// rendered, if it was), and keeps the outcome with the
     /// prospect at `prospect` in the same write (see [`Prospect::progress`]). `false`
     /// (nothing written) when the record is no longer that owner's claim, e.g. a redelivery
     /// found its lease expired and recorded `unknown`.
@@ -230,6 +231,7 @@ pub trait SendLog: Send + Sync {
         key: SendKey,
         owner: ClaimOwner,
         state: &SendState,
+        subject: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError>;
 

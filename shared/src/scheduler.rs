@@ -348,7 +348,7 @@ impl Scheduler {
             SendState::Claimed { owner } => {
                 let reason = "the worker that claimed the step stopped before recording what the provider answered".to_owned();
                 let unknown = SendState::Unknown { reason };
-                if self.ports.sends.record_send(&cx.prospect_key(), cx.key(), *owner, &unknown, cx.now).await? {
+                if self.ports.sends.record_send(&cx.prospect_key(), cx.key(), *owner, &unknown, None, cx.now).await? {
                     warn!("claim found past its lease: recorded the step as unknown, not resending it");
                     return Ok(cx.advance(Outcome::Unknown));
                 }
@@ -366,9 +366,9 @@ impl Scheduler {
     async fn send(&self, cx: &Context<'_>, owner: ClaimOwner) -> Result<Handled, JobError> {
         let (job, prospect, key, now) = (cx.job, cx.prospect, cx.key(), cx.now);
         let at = cx.prospect_key();
-        let record = |state: SendState| {
-            let at = &at;
-            async move { self.ports.sends.record_send(at, key, owner, &state, now).await }
+        let record = |state: SendState, subject: Option<&str>| {
+            let (at, subject) = (&at, subject.map(str::to_owned));
+            async move { self.ports.sends.record_send(at, key, owner, &state, subject.as_deref(), now).await }
         };
         let step = usize::try_from(job.step).ok().and_then(|i| cx.campaign.steps.get(i)).ok_or_else(|| StoreError::other("step vanished"))?;
         let unsubscribe_url = self.settings.unsubscribe_url(prospect);
@@ -376,7 +376,7 @@ impl Scheduler {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "step cannot be rendered: recorded as skipped");
-                record(SendState::Skipped { reason: e.to_string() }).await?;
+                record(SendState::Skipped { reason: e.to_string() }, None).await?;
                 return Ok(cx.advance(Outcome::Skipped));
             }
         };
@@ -391,7 +391,7 @@ impl Scheduler {
         match self.ports.mailer.send(&email, &SendClaim { key, owner, now }).await {
             Ok(delivered) => {
                 info!("campaign email sent");
-                if !delivered.recorded && !record(SendState::Sent { message_id: delivered.message_id }).await? {
+                if !delivered.recorded && !record(SendState::Sent { message_id: delivered.message_id }, Some(&email.subject)).await? {
                     warn!("the email was sent after its claim was taken over; the record keeps the takeover's state");
                 }
                 Ok(cx.advance(Outcome::Sent))
@@ -401,13 +401,13 @@ impl Scheduler {
                 if attempt >= MAX_SEND_ATTEMPTS {
                     warn!(error = %e, attempt, "the provider refused every attempt: the step is skipped");
                     let reason = format!("the provider did not take the email in {attempt} attempts: {e}");
-                    record(SendState::Skipped { reason }).await?;
+                    record(SendState::Skipped { reason }, Some(&email.subject)).await?;
                     return Ok(cx.advance(Outcome::Skipped));
                 }
                 let retry_at = now + FIRST_BACKOFF * 2_i32.pow(job.attempt.min(10));
                 warn!(error = %e, attempt, "the provider did not take the email; retrying with backoff");
                 let retrying = SendState::RetryScheduled { attempt, retry_at, error: e.to_string() };
-                if let Err(e) = record(retrying).await {
+                if let Err(e) = record(retrying, Some(&email.subject)).await {
                     // The retry job names this claim, so it may take it over all the same.
                     warn!(error = %e, "recording the retry failed; the retry job carries the claim");
                 }
@@ -416,12 +416,12 @@ impl Scheduler {
             }
             Err(MailError::Unknown(e)) => {
                 warn!(error = %e, "the provider's answer is unknown: recorded, not resending");
-                record(SendState::Unknown { reason: e.to_string() }).await?;
+                record(SendState::Unknown { reason: e.to_string() }, Some(&email.subject)).await?;
                 Ok(cx.advance(Outcome::Unknown))
             }
             Err(MailError::Rejected(reason)) => {
                 warn!(reason = %reason, "recipient rejected: marking the prospect bounced");
-                record(SendState::Rejected { reason }).await?;
+                record(SendState::Rejected { reason }, Some(&email.subject)).await?;
                 self.bounce(cx).await?;
                 Ok(Handled::done(Outcome::Dropped("recipient rejected")))
             }

@@ -193,11 +193,19 @@ impl SendLog for FaultySendLog {
         Ok(result)
     }
 
-    async fn record_send(&self, prospect: &ProspectKey, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError> {
+    async fn record_send(
+        &self,
+        prospect: &ProspectKey,
+        key: SendKey,
+        owner: ClaimOwner,
+        state: &SendState,
+        subject: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
         if self.failing_records.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             return Err(StoreError::Unavailable("injected send-log failure".into()));
         }
-        self.inner.record_send(prospect, key, owner, state, now).await
+        self.inner.record_send(prospect, key, owner, state, subject, now).await
     }
 
     async fn send_record(&self, key: SendKey) -> Result<Option<SendRecord>, StoreError> {

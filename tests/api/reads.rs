@@ -17,6 +17,7 @@ contract_tests!(
     get_hides_unknown_malformed_and_foreign_prospects,
     get_shows_where_each_enrollment_stands_as_its_steps_are_sent,
     get_shows_paused_deactivated_and_rejected_enrollments,
+    export_holds_the_resource_every_email_sent_and_every_status_change,
 );
 
 impl TestApp {
@@ -181,4 +182,35 @@ async fn get_shows_paused_deactivated_and_rejected_enrollments(kind: Kind) {
     assert_eq!((deactivated["state"].as_str(), deactivated["ended_reason"].as_str()), (Some("ended"), Some("campaign_deactivated")));
     assert!(same_second(time_of(&deactivated["ended_at"]), app.clock.now()));
 
+}
+
+async fn export_holds_the_resource_every_email_sent_and_every_status_change(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let (_, created) = app.post(&json!({"email": "eve@example.com", "first_name": "Eve"})).await;
+    let id = created["prospect_id"].as_str().unwrap().to_owned();
+    app.tick(1).await;
+    app.clock.advance(Duration::seconds(600));
+    app.tick(1).await;
+    assert_eq!(app.patch(&id, &json!({"status": "converted"})).await.0, 200);
+    app.clock.advance(Duration::minutes(1));
+    assert_eq!(app.patch(&id, &json!({"status": "new"})).await.0, 200);
+
+    let (status, export) = app.get(&format!("{id}/export")).await;
+    assert_eq!(status, 200, "{export}");
+    assert_eq!(export["prospect"], app.resource(&id).await, "the resource as GET returns it");
+    let emails = export["emails"].as_array().unwrap();
+    assert_eq!(emails.len(), 2, "{export}");
+    assert_eq!((emails[0]["step"].as_u64(), emails[0]["subject"].as_str(), emails[0]["state"].as_str()), (Some(1), Some("Hi Eve"), Some("sent")));
+    assert_eq!((emails[1]["step"].as_u64(), emails[1]["subject"].as_str()), (Some(2), Some("Tips")));
+    assert_eq!(emails[0]["campaign_id"], app.campaign.id.to_string());
+    assert!(emails.iter().all(|e| e["message_id"].as_str().is_some_and(|m| !m.is_empty()) && e["sent_at"].is_string()), "{export}");
+    let changes = export["status_changes"].as_array().unwrap();
+    let summary: Vec<_> = changes.iter().map(|c| (c["from"].as_str().unwrap(), c["to"].as_str().unwrap(), c["reason"].as_str().unwrap())).collect();
+    assert_eq!(summary, [("new", "converted", "api"), ("converted", "new", "api")]);
+    assert!(time_of(&changes[0]["at"]) < time_of(&changes[1]["at"]));
+
+    let (_, other_key) = app.other_account().await;
+    let (status, _) = app.send(Method::GET, &format!("/api/v1/prospects/{id}/export"), Some(&other_key), String::new()).await;
+    assert_eq!(status, 404, "another account's prospect");
+    assert_eq!(app.get(&format!("{}/export", ProspectId::new())).await.0, 404);
 }

@@ -168,6 +168,12 @@ pub struct StepProgress {
     /// For `retry_scheduled`: when the retry is due.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
     pub retry_at: Option<OffsetDateTime>,
+    /// For `sent`: the provider's message id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The subject of the email, once rendered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// The client's own identifier for a prospect: 1 to 255 characters, unique per account.

@@ -9,7 +9,7 @@ mod resource;
 mod unsubscribe;
 
 pub use openapi::OPENAPI_JSON;
-pub use resource::{EnrollmentResource, ProspectResource};
+pub use resource::{EmailSent, EnrollmentResource, ProspectExport, ProspectResource, StatusChangeResource};
 
 use std::sync::Arc;
 
@@ -28,7 +28,7 @@ use idempotency::Idempotency;
 
 use crate::domain::{ExternalId, ProspectId, ProspectStatus, StatusReason};
 use crate::ports::ProspectRef;
-use crate::service::{Caller, ProspectService};
+use crate::service::{Caller, ProspectService, ProspectView};
 
 /// The header carrying the API key.
 pub const KEY_HEADER: &str = "x-cadenhq-key";
@@ -40,6 +40,7 @@ pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 pub const PROSPECTS_PATH: &str = "/api/v1/prospects";
 pub const PROSPECT_BY_ID_PATH: &str = "/api/v1/prospects/{prospect_id}";
 pub const PROSPECT_BY_EXTERNAL_ID_PATH: &str = "/api/v1/prospects/external/{*external_id}";
+pub const PROSPECT_EXPORT_PATH: &str = "/api/v1/prospects/{prospect_id}/export";
 pub const UNSUBSCRIBE_PATH: &str = "/unsubscribe/{token}";
 pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 
@@ -52,7 +53,7 @@ pub enum Routes {
     Upsert,
     /// Both PATCH routes.
     Status,
-    /// The read routes: `GET` of one prospect by id or external_id.
+    /// The read routes: `GET` of one prospect by id or external_id, and its export.
     Read,
     /// `GET` and `POST /unsubscribe/{token}` (no API key: the token is the credential).
     Unsubscribe,
@@ -74,7 +75,8 @@ pub fn router(service: ProspectService, routes: Routes) -> Router {
     if matches!(routes, Routes::All | Routes::Read) {
         router = router
             .route(PROSPECT_BY_ID_PATH, get(get_by_id))
-            .route(PROSPECT_BY_EXTERNAL_ID_PATH, get(get_by_external_id));
+            .route(PROSPECT_BY_EXTERNAL_ID_PATH, get(get_by_external_id))
+            .route(PROSPECT_EXPORT_PATH, get(export_by_id));
     }
     if routes == Routes::All {
         router = router.route(OPENAPI_PATH, get(openapi::document));
@@ -208,19 +210,30 @@ async fn patch_by_external_id(
 
 async fn get_by_id(Admitted(caller): Admitted, State(service): State<AppState>, id: Result<Path<String>, PathRejection>) -> Response {
     let reference = id.ok().and_then(|Path(raw)| ProspectId::parse(&raw).ok()).map(ProspectRef::Id);
-    with_rate_limit(read_prospect(&service, &caller, reference).await, &caller)
+    with_rate_limit(read_prospect(&service, &caller, reference, |view| serde_json::to_vec(&ProspectResource::from(view))).await, &caller)
+}
+
+async fn export_by_id(Admitted(caller): Admitted, State(service): State<AppState>, id: Result<Path<String>, PathRejection>) -> Response {
+    let reference = id.ok().and_then(|Path(raw)| ProspectId::parse(&raw).ok()).map(ProspectRef::Id);
+    with_rate_limit(read_prospect(&service, &caller, reference, |view| serde_json::to_vec(&ProspectExport::from(view))).await, &caller)
 }
 
 async fn get_by_external_id(Admitted(caller): Admitted, State(service): State<AppState>, id: Result<Path<String>, PathRejection>) -> Response {
     let reference = id.ok().and_then(|Path(raw)| ExternalId::parse(&raw).ok()).map(ProspectRef::ExternalId);
-    with_rate_limit(read_prospect(&service, &caller, reference).await, &caller)
+    with_rate_limit(read_prospect(&service, &caller, reference, |view| serde_json::to_vec(&ProspectResource::from(view))).await, &caller)
 }
 
-/// Both GET routes: a malformed reference is a prospect not found, as an unknown one is.
-async fn read_prospect(service: &ProspectService, caller: &Caller, prospect: Option<ProspectRef>) -> Response {
+/// The GET routes: the prospect as `body` writes it. A malformed reference is a prospect not
+/// found, as an unknown one is.
+async fn read_prospect(
+    service: &ProspectService,
+    caller: &Caller,
+    prospect: Option<ProspectRef>,
+    body: impl FnOnce(&ProspectView) -> serde_json::Result<Vec<u8>>,
+) -> Response {
     let Some(prospect) = prospect else { return ApiError::ProspectNotFound.into_response() };
     match service.get(caller.account, &prospect).await {
-        Ok(view) => match serde_json::to_vec(&ProspectResource::from(&view)) {
+        Ok(view) => match body(&view) {
             Ok(body) => json_response(StatusCode::OK, body),
             Err(e) => ApiError::Internal(Box::new(e)).into_response(),
         },

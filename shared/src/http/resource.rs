@@ -82,3 +82,60 @@ impl<'a> From<&'a ProspectView> for ProspectResource<'a> {
         }
     }
 }
+
+/// Everything held about a person (a GDPR access request): the resource, each email sent to
+/// them and each change of their status.
+#[derive(Debug, Serialize)]
+pub struct ProspectExport<'a> {
+    pub prospect: ProspectResource<'a>,
+    pub emails: Vec<EmailSent<'a>>,
+    pub status_changes: Vec<StatusChangeResource>,
+}
+
+/// One campaign email whose sending was recorded: `sent` (the provider took it) or `unknown`
+/// (it may have).
+#[derive(Debug, Serialize)]
+pub struct EmailSent<'a> {
+    pub campaign_id: String,
+    pub enrollment_id: String,
+    pub step: u32,
+    pub state: &'a str,
+    pub subject: Option<&'a str>,
+    pub sent_at: String,
+    pub message_id: Option<&'a str>,
+}
+
+/// One change of a prospect's status.
+#[derive(Debug, Serialize)]
+pub struct StatusChangeResource {
+    pub from: &'static str,
+    pub to: &'static str,
+    pub at: String,
+    pub reason: &'static str,
+}
+
+impl<'a> From<&'a ProspectView> for ProspectExport<'a> {
+    fn from(view: &'a ProspectView) -> Self {
+        let p = &view.prospect;
+        let mut sent: Vec<_> = p.progress.iter().filter(|s| matches!(s.state.as_str(), "sent" | "unknown")).collect();
+        sent.sort_by_key(|s| (s.at, s.step));
+        let emails = sent
+            .into_iter()
+            .map(|s| EmailSent {
+                campaign_id: p.enrollments.iter().find(|e| e.id == s.enrollment).map(|e| e.campaign_id.to_string()).unwrap_or_default(),
+                enrollment_id: s.enrollment.to_string(),
+                step: s.step + 1,
+                state: &s.state,
+                subject: s.subject.as_deref(),
+                sent_at: utc(s.at),
+                message_id: s.message_id.as_deref(),
+            })
+            .collect();
+        let status_changes = p
+            .history
+            .iter()
+            .map(|c| StatusChangeResource { from: c.from.as_str(), to: c.to.as_str(), at: utc(c.at), reason: c.reason.as_str() })
+            .collect();
+        Self { prospect: ProspectResource::from(view), emails, status_changes }
+    }
+}

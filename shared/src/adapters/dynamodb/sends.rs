@@ -144,6 +144,7 @@ impl SendLog for DynamoStore {
         key: SendKey,
         owner: ClaimOwner,
         state: &SendState,
+        subject: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError> {
         let mut update = Update::builder()
@@ -161,6 +162,10 @@ impl SendLog for DynamoStore {
             expression.push_str(", detail = :detail");
             update = update.expression_attribute_values(":detail", s(detail));
         }
+        if let Some(subject) = subject {
+            expression.push_str(", subject = :subject");
+            update = update.expression_attribute_values(":subject", s(subject));
+        }
         let mut retry_at = None;
         if let SendState::RetryScheduled { attempt, retry_at: at, .. } = state {
             expression.push_str(", retry_at = :retry_at, attempts = :attempts");
@@ -168,7 +173,15 @@ impl SendLog for DynamoStore {
             retry_at = Some(*at);
         }
         let record = build(update.update_expression(expression).build())?;
-        let progress = StepProgress { enrollment: key.enrollment, step: key.step, state: state.name().to_owned(), at: now, retry_at };
+        let progress = StepProgress {
+            enrollment: key.enrollment,
+            step: key.step,
+            state: state.name().to_owned(),
+            at: now,
+            retry_at,
+            message_id: matches!(state, SendState::Sent { .. }).then(|| state.detail().unwrap_or_default().to_owned()),
+            subject: subject.map(str::to_owned),
+        };
         let on_prospect = build(
             Update::builder()
                 .table_name(&self.table)

@@ -127,6 +127,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("outbox", "message_id", "TEXT"),
     ("sends", "campaign_id", "TEXT"),
     ("sends", "prospect_id", "TEXT"),
+    ("sends", "subject", "TEXT"),
     ("prospects", "history", "TEXT"),
 ];
 

@@ -50,22 +50,29 @@ fn history_json(p: &Prospect) -> String {
 /// Each step's recorded outcome for the prospect, from the send log.
 fn read_progress(conn: &Connection, prospect_id: &str) -> Result<Vec<StepProgress>, StoreError> {
     let mut statement = conn
-        .prepare_cached("SELECT enrollment_id, step, state, updated_at, claimed_at, retry_at FROM sends WHERE prospect_id = ?1 AND state <> 'claimed'")
+        .prepare_cached(
+            "SELECT enrollment_id, step, state, updated_at, claimed_at, retry_at, detail, subject FROM sends
+             WHERE prospect_id = ?1 AND state <> 'claimed'",
+        )
         .map_err(db_error)?;
     let rows = statement
         .query_map([prospect_id], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<String>>(3)?, r.get::<_, String>(4)?, r.get::<_, Option<String>>(5)?))
+            let texts = (r.get::<_, Option<String>>(3)?, r.get::<_, String>(4)?, r.get::<_, Option<String>>(5)?, r.get::<_, Option<String>>(6)?, r.get::<_, Option<String>>(7)?);
+            Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?, texts))
         })
         .map_err(db_error)?;
     let mut progress = Vec::new();
     for row in rows {
-        let (enrollment, step, state, updated_at, claimed_at, retry_at) = row.map_err(db_error)?;
+        let (enrollment, step, state, (updated_at, claimed_at, retry_at, detail, subject)) = row.map_err(db_error)?;
+        let message_id = detail.filter(|_| state == "sent");
         progress.push(StepProgress {
             enrollment: EnrollmentId::parse(&enrollment).map_err(|_| StoreError::other("stored send record has an invalid enrollment id"))?,
             step,
             state,
             at: parse_rfc3339(updated_at.as_deref().unwrap_or(&claimed_at))?,
             retry_at: retry_at.as_deref().map(parse_rfc3339).transpose()?,
+            message_id,
+            subject,
         });
     }
     Ok(progress)

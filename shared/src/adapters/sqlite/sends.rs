@@ -293,7 +293,14 @@ fn state_parts(state: &SendState) -> (&'static str, Option<String>, Option<Strin
 }
 
 /// Moves the record claimed by `owner` to `state`, on `conn`; `false` if it is not that claim.
-fn record_send_on(conn: &Connection, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError> {
+fn record_send_on(
+    conn: &Connection,
+    key: SendKey,
+    owner: ClaimOwner,
+    state: &SendState,
+    subject: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<bool, StoreError> {
     let (name, detail, retry_at) = state_parts(state);
     let attempts_after = match state {
         // A retry's attempt number is how many attempts were made before it.
@@ -302,9 +309,10 @@ fn record_send_on(conn: &Connection, key: SendKey, owner: ClaimOwner, state: &Se
     };
     let changed = execute(
         conn,
-        "UPDATE sends SET state = ?4, detail = ?5, retry_at = ?6, updated_at = ?7, attempts = COALESCE(?8, attempts)
+        "UPDATE sends SET state = ?4, detail = ?5, retry_at = ?6, updated_at = ?7, attempts = COALESCE(?8, attempts),
+             subject = COALESCE(?9, subject)
          WHERE enrollment_id = ?1 AND step = ?2 AND state = 'claimed' AND owner = ?3",
-        params![key.enrollment.to_string(), key.step, owner.to_string(), name, detail, retry_at, rfc3339(now), attempts_after],
+        params![key.enrollment.to_string(), key.step, owner.to_string(), name, detail, retry_at, rfc3339(now), attempts_after, subject],
     )
     .map_err(db_error)?;
     Ok(changed == 1)
@@ -371,9 +379,17 @@ impl SendLog for SqliteStore {
     }
 
     /// The prospect's progress is read from the send log itself: only the record is written.
-    async fn record_send(&self, _: &ProspectKey, key: SendKey, owner: ClaimOwner, state: &SendState, now: OffsetDateTime) -> Result<bool, StoreError> {
-        let state = state.clone();
-        self.write(move |conn| record_send_on(conn, key, owner, &state, now)).await
+    async fn record_send(
+        &self,
+        _: &ProspectKey,
+        key: SendKey,
+        owner: ClaimOwner,
+        state: &SendState,
+        subject: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let (state, subject) = (state.clone(), subject.map(str::to_owned));
+        self.write(move |conn| record_send_on(conn, key, owner, &state, subject.as_deref(), now)).await
     }
 
     async fn send_record(&self, key: SendKey) -> Result<Option<SendRecord>, StoreError> {
@@ -412,7 +428,7 @@ impl Mailer for SqliteStore {
         let now = rfc3339(OffsetDateTime::now_utc());
         let claim = *claim;
         let sent = SendState::Sent { message_id: message_id.clone() };
-        let id = message_id.clone();
+        let (id, subject) = (message_id.clone(), email.subject.clone());
         self.write(move |conn| {
             execute(
                 conn,
@@ -420,7 +436,7 @@ impl Mailer for SqliteStore {
                 params![now, doc, mime, id],
             )
             .map_err(db_error)?;
-            if !record_send_on(conn, claim.key, claim.owner, &sent, claim.now)? {
+            if !record_send_on(conn, claim.key, claim.owner, &sent, Some(&subject), claim.now)? {
                 // Rolls the email back with it: the claim is no longer this worker's.
                 return Err(StoreError::other("the send's claim is no longer held"));
             }
