@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{
     Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, ClaimOwner, ExternalId, SendKey, SendRecord,
-    SendState, SendTally, StatusReason,
+    SendState, SendTally, StatusReason, ListQuery,
     IdempotencyBegin, IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectId, ProspectStatus,
     RateDecision, RateLimit, StoredResponse,
 };
@@ -51,6 +51,14 @@ pub enum ProspectRef {
     Email(NormalizedEmail),
     /// The hash of the normalized email (what campaign jobs carry).
     EmailHash(String),
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub prospects: Vec<Prospect>,
+    /// Whether prospects past the last of this page pass the filters too.
+    pub has_more: bool,
 }
 
 /// Everything an upsert needs to decide, read in one round trip.
@@ -132,6 +140,14 @@ pub trait ProspectRepository: Send + Sync {
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
     async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError>;
+
+    /// One page of the account's prospects, newest first, that pass the query's filters:
+    /// up to `limit` of them, and whether more follow. On DynamoDB an index serves it, so
+    /// it may lag writes by a moment.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
 }
 
 /// The campaign job queue.

@@ -9,12 +9,12 @@ use time::{Duration, OffsetDateTime};
 use tracing::{info, instrument};
 
 use crate::domain::{
-    enrollment_view, AccountId, ApiKey, ApiKeyRecord, Campaign, CampaignId, EnrollmentView, CampaignJob, Clock, Enrollment, FieldError, IdempotencyBegin,
+    enrollment_view, ListQuery, AccountId, ApiKey, ApiKeyRecord, Campaign, CampaignId, EnrollmentView, CampaignJob, Clock, Enrollment, FieldError, IdempotencyBegin,
     IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectChanges, ProspectId, ProspectStatus,
     RateDecision, StatusReason, StoredResponse, UnsubscribeSecret,
 };
 use crate::ports::{
-    AdminStore, Conflict, IdempotencyStore, JobQueue, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, StoreError,
+    AdminStore, Conflict, IdempotencyStore, JobQueue, ListPage, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, StoreError,
 };
 
 /// How many times an upsert re-reads after losing a race before giving up with 503.
@@ -169,6 +169,33 @@ impl ProspectService {
     #[instrument(level = "debug", skip_all, fields(account_id = %account))]
     pub async fn get(&self, account: AccountId, prospect: &ProspectRef) -> Result<ProspectView, ServiceError> {
         let prospect = self.ports.repo.find(account, prospect).await?.ok_or(ServiceError::NotFound)?;
+        self.view(prospect).await
+    }
+
+    /// One page of the account's prospects that pass `query`, newest first, and whether more
+    /// follow. With `email`, the one prospect with that address (a lookup, not a listing), if
+    /// it passes the other filters.
+    ///
+    /// # Errors
+    /// Storage errors.
+    #[instrument(level = "debug", skip_all, fields(account_id = %query.account))]
+    pub async fn list(&self, query: &ListQuery, email: Option<NormalizedEmail>) -> Result<(Vec<ProspectView>, bool), ServiceError> {
+        let page = match email {
+            Some(email) => {
+                let found = self.ports.repo.find(query.account, &ProspectRef::Email(email)).await?;
+                ListPage { prospects: found.into_iter().filter(|p| query.admits(p)).collect(), has_more: false }
+            }
+            None => self.ports.repo.list(query).await?,
+        };
+        let mut views = Vec::with_capacity(page.prospects.len());
+        for prospect in page.prospects {
+            views.push(self.view(prospect).await?);
+        }
+        Ok((views, page.has_more))
+    }
+
+    /// A prospect and where each of its enrollments stands.
+    async fn view(&self, prospect: Prospect) -> Result<ProspectView, ServiceError> {
         let mut enrollments = Vec::with_capacity(prospect.enrollments.len());
         for enrollment in &prospect.enrollments {
             let campaign = self.campaign(enrollment.campaign_id).await?;

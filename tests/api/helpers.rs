@@ -261,6 +261,10 @@ impl ProspectRepository for FaultyRepo {
     async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
         self.inner.find(account, prospect).await
     }
+
+    async fn list(&self, query: &shared::domain::ListQuery) -> Result<shared::ports::ListPage, StoreError> {
+        self.inner.list(query).await
+    }
 }
 
 /// The message attribute in which [`ModelSqsDelays`] keeps when a message becomes visible.

@@ -18,6 +18,9 @@ contract_tests!(
     get_shows_where_each_enrollment_stands_as_its_steps_are_sent,
     get_shows_paused_deactivated_and_rejected_enrollments,
     export_holds_the_resource_every_email_sent_and_every_status_change,
+    list_pages_newest_first_and_filters_as_asked,
+    list_refuses_bad_parameters_and_foreign_or_tampered_cursors,
+    a_walk_through_every_page_sees_each_prospect_once_while_others_are_written,
 );
 
 impl TestApp {
@@ -213,4 +216,129 @@ async fn export_holds_the_resource_every_email_sent_and_every_status_change(kind
     let (status, _) = app.send(Method::GET, &format!("/api/v1/prospects/{id}/export"), Some(&other_key), String::new()).await;
     assert_eq!(status, 404, "another account's prospect");
     assert_eq!(app.get(&format!("{}/export", ProspectId::new())).await.0, 404);
+}
+
+/// Every page of a listing from `query` on, walked with the app's key: the ids in order, and
+/// how many pages it took.
+async fn walk(app: &TestApp, query: &str, mut between_pages: impl FnMut(usize) -> futures::future::BoxFuture<'static, ()>) -> (Vec<String>, usize) {
+    let (mut ids, mut pages, mut cursor) = (Vec::new(), 0, None::<String>);
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/prospects?{query}&cursor={c}"),
+            None => format!("/api/v1/prospects?{query}"),
+        };
+        let (status, page) = app.send(Method::GET, &path, Some(&app.key), String::new()).await;
+        assert_eq!(status, 200, "{path}: {page}");
+        pages += 1;
+        ids.extend(page["data"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_owned()));
+        assert_eq!(page["has_more"].as_bool(), Some(page["next_cursor"].is_string()), "{page}");
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return (ids, pages),
+        }
+        between_pages(pages).await;
+    }
+}
+
+fn no_pause(_: usize) -> futures::future::BoxFuture<'static, ()> {
+    Box::pin(async {})
+}
+
+async fn list_pages_newest_first_and_filters_as_asked(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let webinar = app.create_campaign("Webinar").await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let (_, created) = app.post(&json!({"email": format!("p{n}@example.com"), "first_name": format!("P{n}")})).await;
+        ids.push(created["prospect_id"].as_str().unwrap().to_owned());
+        app.clock.advance(Duration::seconds(1));
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+
+    let (status, page) = app.send(Method::GET, "/api/v1/prospects", Some(&app.key), String::new()).await;
+    assert_eq!(status, 200);
+    assert_eq!((page["has_more"].as_bool(), page["next_cursor"].is_null()), (Some(false), true));
+    assert_eq!(page["data"][0], app.resource(&ids[4]).await, "each item is the prospect resource");
+    assert_eq!(walk(&app, "limit=2", no_pause).await, (newest_first.clone(), 3));
+
+    let midpoint = time_of(&app.resource(&ids[2]).await["created_at"]);
+    app.clock.advance(Duration::seconds(10));
+    let changed_at = app.clock.now();
+    app.clock.advance(Duration::seconds(1));
+    app.patch(&ids[1], &json!({"status": "converted"})).await;
+    app.patch(&ids[3], &json!({"status": "converted"})).await;
+    app.post(&json!({"email": "P0@example.com", "campaign_id": webinar.id.to_string()})).await;
+    let stamp = |t: OffsetDateTime| t.format(&Rfc3339).unwrap().replace('+', "%2B");
+
+    for (query, expected) in [
+        ("status=converted".to_owned(), vec![&ids[3], &ids[1]]),
+        ("status=new&limit=1".to_owned(), vec![&ids[4], &ids[2], &ids[0]]),
+        ("email=%20P2%40EXAMPLE.com".to_owned(), vec![&ids[2]]),
+        ("email=p2%40example.com&status=converted".to_owned(), vec![]),
+        ("email=nobody%40example.com".to_owned(), vec![]),
+        (format!("campaign_id={}", webinar.id), vec![&ids[0]]),
+        (format!("created_after={}", stamp(midpoint)), vec![&ids[4], &ids[3]]),
+        (format!("updated_after={}&limit=1", stamp(changed_at)), vec![&ids[3], &ids[1], &ids[0]]),
+    ] {
+        let expected: Vec<String> = expected.into_iter().cloned().collect();
+        assert_eq!(walk(&app, &query, no_pause).await.0, expected, "{query}");
+    }
+
+    let (_, other_key) = app.other_account().await;
+    let (_, foreign) = app.send(Method::GET, "/api/v1/prospects", Some(&other_key), String::new()).await;
+    assert_eq!(foreign["data"], json!([]), "another account's prospects are not listed");
+}
+
+async fn list_refuses_bad_parameters_and_foreign_or_tampered_cursors(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    for n in 0..3 {
+        app.post(&json!({"email": format!("q{n}@example.com")})).await;
+    }
+    let (_, page) = app.send(Method::GET, "/api/v1/prospects?limit=1", Some(&app.key), String::new()).await;
+    let cursor = page["next_cursor"].as_str().unwrap().to_owned();
+    let (_, other_key) = app.other_account().await;
+    let (status, body) = app.send(Method::GET, &format!("/api/v1/prospects?cursor={cursor}"), Some(&other_key), String::new()).await;
+    assert_eq!(status, 400, "a foreign cursor: {body}");
+    let mut tampered = cursor.clone().into_bytes();
+    tampered[0] = if tampered[0] == b'3' { b'4' } else { b'3' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    for query in ["limit=0", "limit=101", "limit=ten", "status=won", "email=not-an-address", "campaign_id=42", "created_after=yesterday", "updated_after=2026-13-01T00:00:00Z", "limit=1&limit=2", "cursor=", &format!("cursor={tampered}")] {
+        let (status, body) = app.send(Method::GET, &format!("/api/v1/prospects?{query}"), Some(&app.key), String::new()).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{query}: {body}");
+    }
+    assert_eq!(app.send(Method::GET, "/api/v1/prospects", None, String::new()).await.0, 401);
+}
+
+async fn a_walk_through_every_page_sees_each_prospect_once_while_others_are_written(kind: Kind) {
+    let app = std::sync::Arc::new(TestApp::spawn(kind).await);
+    let mut before = Vec::new();
+    for n in 0..30 {
+        let (_, created) = app.post(&json!({"email": format!("w{n}@example.com")})).await;
+        before.push(created["prospect_id"].as_str().unwrap().to_owned());
+        if n % 4 == 0 {
+            app.clock.advance(Duration::milliseconds(1));
+        }
+    }
+    let writer = app.clone();
+    let ids = before.clone();
+    let (seen, pages) = walk(&app, "limit=4", move |page| {
+        let (app, ids) = (writer.clone(), ids.clone());
+        Box::pin(async move {
+            // Between pages: new prospects, and updates and status changes of listed and unlisted ones.
+            for n in 0..3 {
+                app.post(&json!({"email": format!("new{page}-{n}@example.com")})).await;
+            }
+            app.post(&json!({"email": format!("w{}@example.com", page * 3 % 30), "first_name": "Changed"})).await;
+            app.patch(&ids[(page * 7) % 30], &json!({"status": "converted"})).await;
+        })
+    })
+    .await;
+    assert!(pages >= 8, "{pages} pages");
+    let mut counted = std::collections::HashMap::<&str, usize>::new();
+    for id in &seen {
+        *counted.entry(id.as_str()).or_default() += 1;
+    }
+    assert!(counted.values().all(|n| *n == 1), "no prospect twice");
+    assert!(before.iter().all(|id| counted.contains_key(id.as_str())), "every prospect that existed when the walk began");
 }

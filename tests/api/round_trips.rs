@@ -276,6 +276,15 @@ async fn get_costs_these_round_trips_with_the_key_already_cached() {
     app.check("GET by external_id", &[("DynamoDB.GetItem", 2)]);
     app.get(&format!("/{}", uuid::Uuid::new_v4()), 404).await;
     app.check("GET of an unknown id", &[("DynamoDB.GetItem", 1)]);
+
+    // A page: one Query per shard of the listing index (whole items projected: no read
+    // follows); an email filter is a lookup of the prospect's own item.
+    app.post(&prospect(1), 201).await;
+    app.calls.take();
+    app.get("?limit=25", 200).await;
+    app.check("GET a page of the listing", &[("DynamoDB.Query", 8)]);
+    app.get("?email=lead1%40example.com", 200).await;
+    app.check("GET the listing filtered by email", &[("DynamoDB.GetItem", 1)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,12 @@ macro_rules! uuid_id {
                 out.push(b'"');
             }
 
+            /// The id's 16 bytes.
+            #[must_use]
+            pub fn as_bytes(&self) -> &[u8; 16] {
+                self.0.as_bytes()
+            }
+
             /// Parses the textual form of a UUID.
             ///
             /// # Errors

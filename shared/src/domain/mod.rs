@@ -7,6 +7,7 @@ mod ids;
 mod idempotency;
 mod job;
 mod key;
+mod listing;
 mod progress;
 mod prospect;
 mod rate_limit;
@@ -14,6 +15,7 @@ mod send;
 mod unsubscribe;
 
 pub use campaign::{sample_prospect, Campaign, CampaignDefinition, CampaignError, CampaignState, Pause, RenderedEmail, SendingChange, Step};
+pub use listing::{millis, ListPosition, ListQuery, DEFAULT_PAGE, MAX_PAGE};
 pub use progress::{enrollment_view, EndedReason, EnrollmentState, EnrollmentView};
 pub use send::{ClaimOwner, SendKey, SendRecord, SendState, SendTally, SEND_STATES};
 pub use unsubscribe::{InvalidToken, UnsubscribeSecret, WeakSecret};

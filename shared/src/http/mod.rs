@@ -3,6 +3,7 @@
 
 mod error;
 mod idempotency;
+mod listing;
 mod openapi;
 mod request;
 mod resource;
@@ -53,7 +54,8 @@ pub enum Routes {
     Upsert,
     /// Both PATCH routes.
     Status,
-    /// The read routes: `GET` of one prospect by id or external_id, and its export.
+    /// The read routes: `GET` of the listing, of one prospect by id or external_id, and of
+    /// its export.
     Read,
     /// `GET` and `POST /unsubscribe/{token}` (no API key: the token is the credential).
     Unsubscribe,
@@ -74,6 +76,7 @@ pub fn router(service: ProspectService, routes: Routes) -> Router {
     // The same paths: their method routers merge.
     if matches!(routes, Routes::All | Routes::Read) {
         router = router
+            .route(PROSPECTS_PATH, get(list_prospects))
             .route(PROSPECT_BY_ID_PATH, get(get_by_id))
             .route(PROSPECT_BY_EXTERNAL_ID_PATH, get(get_by_external_id))
             .route(PROSPECT_EXPORT_PATH, get(export_by_id));
@@ -206,6 +209,30 @@ async fn patch_by_external_id(
 ) -> Response {
     let reference = id.ok().and_then(|Path(raw)| ExternalId::parse(&raw).ok()).map(ProspectRef::ExternalId);
     with_rate_limit(set_status(&service, &caller, &idempotency, reference, body).await, &caller)
+}
+
+/// A page of the listing: `{"data":[...],"has_more":…,"next_cursor":…}`.
+#[derive(serde::Serialize)]
+struct ListBody<'a> {
+    data: Vec<ProspectResource<'a>>,
+    has_more: bool,
+    next_cursor: Option<String>,
+}
+
+async fn list_prospects(Admitted(caller): Admitted, State(service): State<AppState>, uri: axum::http::Uri) -> Response {
+    let response = async {
+        let request = listing::parse(caller.account, uri.query())?;
+        let (views, has_more) = service.list(&request.query, request.email).await?;
+        let next_cursor = views
+            .last()
+            .filter(|_| has_more)
+            .map(|v| listing::cursor(caller.account, crate::domain::ListPosition::of(v.prospect.created_at, v.prospect.id)));
+        let body = ListBody { data: views.iter().map(ProspectResource::from).collect(), has_more, next_cursor };
+        let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::Internal(Box::new(e)))?;
+        Ok::<_, ApiError>(json_response(StatusCode::OK, bytes))
+    }
+    .await;
+    with_rate_limit(response.unwrap_or_else(IntoResponse::into_response), &caller)
 }
 
 async fn get_by_id(Admitted(caller): Admitted, State(service): State<AppState>, id: Result<Path<String>, PathRejection>) -> Response {

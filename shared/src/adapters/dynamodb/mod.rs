@@ -9,6 +9,7 @@
 //! | key | `KEY#{sha256(key)}` | JSON `doc`; `gsi1pk` = `ACCOUNT#{id}#KEYS` |
 //! | key id pointer | `KEYID#{key_id}` | `hash` |
 //! | campaign | `CAMPAIGN#{id}` | JSON `doc`; `sv` (sending version); `gsi1pk` = `ACCOUNT#{id}#CAMPAIGNS` |
+//! | (prospect listing) | | `gsi2pk` = `PROSPECTS#{account}#{shard}`, `gsi2sk` = `{created ms, 15 digits}#{id}` on the prospect item |
 //! | send record | `SEND#{enrollment_id}#{step}` | `state`, `owner`, `detail`, `attempts`, `retry_at`, `claimed_at`, `updated_at`; `expires_at` (TTL) |
 //! | idempotency record | `IDEM#{account}#{sha256(key)}` | `fingerprint`, `status`, `body`, `lease_until`; `expires_at` (TTL) |
 //! | rate-limit bucket | `RATE#{key_id}` | `tat` (GCRA, Unix nanoseconds); `expires_at` (TTL) |
@@ -37,6 +38,8 @@ pub use rate_limit::{DynamoRateLimiter, RATE_LIMIT_WRITE_ATTEMPTS};
 
 /// Name of the table's one global secondary index (keys and campaigns by account).
 pub const GSI1: &str = "gsi1";
+/// Name of the index listing each account's prospects, newest first, in shards.
+pub const GSI2: &str = "gsi2";
 type Item = HashMap<String, AttributeValue>;
 
 /// Error codes that mean "try again later", not "broken".

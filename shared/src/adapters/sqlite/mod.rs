@@ -129,12 +129,15 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("sends", "prospect_id", "TEXT"),
     ("sends", "subject", "TEXT"),
     ("prospects", "history", "TEXT"),
+    ("prospects", "created_ms", "INTEGER"),
 ];
 
 /// Indexes on columns of [`ADDED_COLUMNS`], created once those exist.
 const ADDED_INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS sends_campaign ON sends(campaign_id, step, state);
 CREATE INDEX IF NOT EXISTS sends_prospect ON sends(prospect_id);
+CREATE INDEX IF NOT EXISTS prospects_listing ON prospects(account_id, created_ms DESC, id DESC);
+CREATE INDEX IF NOT EXISTS prospects_status_listing ON prospects(account_id, status, created_ms DESC, id DESC);
 ";
 
 /// Adds the columns of [`ADDED_COLUMNS`] that a table lacks.
@@ -411,6 +414,7 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db_error)?;
         conn.execute_batch(SCHEMA).map_err(db_error)?;
         add_missing_columns(&conn).map_err(db_error)?;
+        prospects::fill_listing_positions(&conn)?;
         conn.execute_batch(ADDED_INDEXES).map_err(db_error)?;
         let reader = open_reader(&path)?;
         let pin = open_reader(&path)?;

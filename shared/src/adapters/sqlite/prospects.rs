@@ -7,9 +7,10 @@ use time::OffsetDateTime;
 use super::{db_error, execute, get_doc, query_row, SqliteStore};
 use crate::adapters::record::{from_json, parse_rfc3339, rfc3339, to_json, ProspectRecord};
 use crate::domain::{
-    Account, AccountId, CampaignId, EnrollmentId, NormalizedEmail, Prospect, ProspectStatus, StatusChange, StatusReason, StepProgress,
+    millis, Account, AccountId, CampaignId, EnrollmentId, ListQuery, NormalizedEmail, Prospect, ProspectStatus, StatusChange, StatusReason,
+    StepProgress,
 };
-use crate::ports::{Conflict, ProspectRef, ProspectRepository, Replacing, StoreError, UpsertContext};
+use crate::ports::{Conflict, ListPage, ProspectRef, ProspectRepository, Replacing, StoreError, UpsertContext};
 
 /// The columns of `prospects`, in the order [`read_prospect`] reads them.
 macro_rules! prospect_columns {
@@ -89,13 +90,35 @@ fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Res
 
 /// The account's prospect that `sql` (a `select_prospect_by!`) finds by `value`.
 fn find_prospect_where(conn: &Connection, sql: &str, account: AccountId, value: &str) -> Result<Option<Prospect>, StoreError> {
-    let Some((mut record, history)) = query_row(conn, sql, params![account.to_string(), value], read_prospect).optional().map_err(db_error)?
+    let Some((record, history)) = query_row(conn, sql, params![account.to_string(), value], read_prospect).optional().map_err(db_error)?
     else {
         return Ok(None);
     };
-    record.history = history.as_deref().map(|h| from_json(h, "status history")).transpose()?.unwrap_or_default();
+    into_prospect(conn, record, history.as_deref()).map(Some)
+}
+
+/// A prospect from its row, its stored history and its steps' outcomes in the send log.
+fn into_prospect(conn: &Connection, mut record: ProspectRecord, history: Option<&str>) -> Result<Prospect, StoreError> {
+    record.history = history.map(|h| from_json(h, "status history")).transpose()?.unwrap_or_default();
     record.progress = read_progress(conn, &record.id)?;
-    record.into_prospect().map(Some)
+    record.into_prospect()
+}
+
+/// Gives rows of earlier versions their listing position (their creation time, from the
+/// document), so the listing index holds every prospect.
+pub(super) fn fill_listing_positions(conn: &Connection) -> Result<(), StoreError> {
+    let mut statement = conn.prepare("SELECT id, doc FROM prospects WHERE created_ms IS NULL").map_err(db_error)?;
+    let rows: Vec<(String, String)> = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db_error)?.collect::<Result<_, _>>().map_err(db_error)?;
+    for (id, doc) in rows {
+        #[derive(serde::Deserialize)]
+        struct Created {
+            #[serde(with = "time::serde::rfc3339")]
+            created_at: OffsetDateTime,
+        }
+        let created: Created = from_json(&doc, "document")?;
+        execute(conn, "UPDATE prospects SET created_ms = ?2 WHERE id = ?1", params![id, millis(created.created_at)]).map_err(db_error)?;
+    }
+    Ok(())
 }
 
 /// Maps a unique-constraint failure to the conflict it means.
@@ -140,12 +163,12 @@ impl ProspectRepository for SqliteStore {
 
     async fn insert(&self, prospect: Prospect) -> Result<(), StoreError> {
         let r = ProspectRecord::from_prospect(&prospect, 1);
-        let history = history_json(&prospect);
+        let (history, created_ms) = (history_json(&prospect), millis(prospect.created_at));
         self.write(move |conn| {
             execute(
                 conn,
-                concat!("INSERT INTO prospects (", prospect_columns!(), ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
-                params![r.id, r.account_id, r.email_hash, r.external_id, r.status, r.ended_through, r.version, r.updated_at, r.doc, history],
+                concat!("INSERT INTO prospects (", prospect_columns!(), ", created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                params![r.id, r.account_id, r.email_hash, r.external_id, r.status, r.ended_through, r.version, r.updated_at, r.doc, history, created_ms],
             )
             .map_err(write_error)?;
             Ok(())
@@ -200,5 +223,50 @@ impl ProspectRepository for SqliteStore {
 
     async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
         self.read(|conn| find_prospect(conn, account, prospect))
+    }
+
+    /// One query on `prospects_listing` (or `prospects_status_listing` with a status): the
+    /// position and creation filters are its range; the campaign and update filters are
+    /// checked on the rows it walks.
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        let before = query.before.map_or((i64::MAX, String::new()), |p| (p.created_ms, p.id.to_string()));
+        let created_after = query.created_after.map_or(i64::MIN, millis);
+        self.read(|conn| {
+            let mut statement = conn
+                .prepare_cached(concat!(
+                    "SELECT ", prospect_columns!(), " FROM prospects
+                     WHERE account_id = ?1 AND (created_ms < ?2 OR (created_ms = ?2 AND (?3 = '' OR id < ?3))) AND created_ms > ?4
+                       AND (?5 IS NULL OR status = ?5)
+                       AND (?6 IS NULL OR EXISTS (SELECT 1 FROM json_each(doc, '$.enrollments') WHERE json_extract(value, '$.campaign_id') = ?6))
+                       AND (?7 IS NULL OR julianday(updated_at) > julianday(?7))
+                     ORDER BY created_ms DESC, id DESC LIMIT ?8"
+                ))
+                .map_err(db_error)?;
+            let rows = statement
+                .query_map(
+                    params![
+                        query.account.to_string(),
+                        before.0,
+                        before.1,
+                        created_after,
+                        query.status.map(ProspectStatus::as_str),
+                        query.campaign.map(|c| c.to_string()),
+                        query.updated_after.map(rfc3339),
+                        query.limit + 1
+                    ],
+                    read_prospect,
+                )
+                .map_err(db_error)?;
+            let mut prospects = Vec::new();
+            for row in rows {
+                let (record, history) = row.map_err(db_error)?;
+                prospects.push(into_prospect(conn, record, history.as_deref())?);
+            }
+            // The SQL filters are the query's own; the domain's check is the one both stores share.
+            prospects.retain(|p| query.admits(p));
+            let has_more = prospects.len() > usize::try_from(query.limit).unwrap_or(usize::MAX);
+            prospects.truncate(usize::try_from(query.limit).unwrap_or(usize::MAX));
+            Ok(ListPage { prospects, has_more })
+        })
     }
 }
