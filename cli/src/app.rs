@@ -244,7 +244,31 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             let campaign = admin::change_campaign_sending(store, id, SendingChange::Resume, &clock).await?;
             emit(j, &campaign_json(&campaign, false), &format!("Resumed campaign {id}: each enrollment continues from its next step"))?;
         }
-        Command::Prospects(ProspectsCommand::Show { account, by }) => {
+        Command::Prospects(ProspectsCommand::List { account, status, limit, cursor }) => {
+            let mut query = vec![format!("limit={limit}")];
+            query.extend(status.map(|s| format!("status={s}")));
+            query.extend(cursor.map(|c| format!("cursor={c}")));
+            let service = backend.service(std::sync::Arc::new(clock));
+            let page = shared::http::list_page(&service, account, &query.join("&")).await.map_err(|e| AppError::Usage(e.to_string()))?;
+            let lines: Vec<String> = page["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("{}  {}  {}  created {}", p["id"].as_str().unwrap_or_default(), p["email"].as_str().unwrap_or_default(), p["status"].as_str().unwrap_or_default(), p["created_at"].as_str().unwrap_or_default()))
+                .collect();
+            let mut text = if lines.is_empty() { "No prospects.".to_owned() } else { lines.join("\n") };
+            if let Some(next) = page["next_cursor"].as_str() {
+                text.push_str(&format!("\nMore: --cursor {next}"));
+            }
+            emit(j, &page, &text)?;
+        }
+        Command::Prospects(ProspectsCommand::Export { account, id }) => {
+            let service = backend.service(std::sync::Arc::new(clock));
+            let view = service.get(account, &ProspectRef::Id(id)).await.map_err(|e| AppError::Usage(service_error(&e)))?;
+            let value = serde_json::to_value(shared::http::ProspectExport::from(&view)).map_err(|e| AppError::Usage(e.to_string()))?;
+            output::line(&value)?;
+        }
+        Command::Prospects(ProspectsCommand::Show { account, by, steps }) => {
             let reference = if let Some(id) = by.id {
                 ProspectRef::Id(id)
             } else if let Some(email) = by.email {
@@ -253,9 +277,15 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
                 let raw = by.external_id.unwrap_or_default();
                 ProspectRef::ExternalId(ExternalId::parse(&raw).map_err(|e| AppError::Usage(e.to_string()))?)
             };
-            let prospect = backend.repo.find(account, &reference).await?.ok_or_else(|| AppError::Usage("prospect not found".into()))?;
-            let steps = backend.send_records(&prospect).await?;
-            let value = prospect_json(&prospect, &steps);
+            let service = backend.service(std::sync::Arc::new(clock));
+            let view = service.get(account, &reference).await.map_err(|e| AppError::Usage(service_error(&e)))?;
+            let mut value = serde_json::to_value(shared::http::ProspectResource::from(&view)).map_err(|e| AppError::Usage(e.to_string()))?;
+            if steps {
+                let records = backend.send_records(&view.prospect).await?;
+                for (enrollment, records) in value["enrollments"].as_array_mut().into_iter().flatten().zip(&records) {
+                    enrollment["steps"] = records.iter().enumerate().map(step_json).collect();
+                }
+            }
             let text = serde_json::to_string_pretty(&value).unwrap_or_default();
             emit(j, &value, &text)?;
         }
@@ -433,30 +463,21 @@ fn preview(j: bool, campaign: &Campaign, (prospect, sample): (&Prospect, bool), 
     }
 }
 
-fn prospect_json(p: &Prospect, steps: &[Vec<Option<SendRecord>>]) -> Value {
-    let step_json = |(i, record): (usize, &Option<SendRecord>)| match record {
-        None => json!({ "step": i, "state": "pending" }),
+/// One step's send record, as `prospects show --steps` prints it (numbered from 1).
+fn step_json((i, record): (usize, &Option<SendRecord>)) -> Value {
+    match record {
+        None => json!({ "step": i + 1, "state": "pending" }),
         Some(r) => json!({
-            "step": i, "state": r.state.name(), "detail": r.state.detail(), "attempts": r.attempts,
+            "step": i + 1, "state": r.state.name(), "detail": r.state.detail(), "attempts": r.attempts,
             "claimed_at": rfc3339(r.claimed_at), "updated_at": rfc3339(r.updated_at),
         }),
-    };
-    let enrollments: Vec<Value> = p
-        .enrollments
-        .iter()
-        .zip(steps)
-        .map(|(e, steps)| (e, steps, shared::backend::completed_at(steps)))
-        .map(|(e, steps, completed_at)| json!({
-            "enrollment_id": e.id, "campaign_id": e.campaign_id, "enrolled_at": rfc3339(e.enrolled_at),
-            "completed_at": completed_at.map(rfc3339), "active": p.is_active(e) && completed_at.is_none(),
-            "steps": steps.iter().enumerate().map(step_json).collect::<Vec<_>>(),
-        }))
-        .collect();
-    json!({
-        "prospect_id": p.id, "account_id": p.account_id, "email": p.email.original(),
-        "email_normalized": p.email.as_str(), "status": p.status.as_str(),
-        "external_id": p.external_id.as_ref().map(ExternalId::as_str), "fields": p.fields,
-        "metadata": p.metadata, "enrollments": enrollments,
-        "created_at": rfc3339(p.created_at), "updated_at": rfc3339(p.updated_at),
-    })
+    }
+}
+
+/// A service error as the CLI says it.
+fn service_error(e: &shared::service::ServiceError) -> String {
+    match e {
+        shared::service::ServiceError::NotFound => "prospect not found".to_owned(),
+        other => chain(other),
+    }
 }

@@ -206,12 +206,36 @@ pub struct PreviewSelector {
 
 #[derive(Debug, Subcommand)]
 pub enum ProspectsCommand {
-    /// Show one stored prospect.
+    /// Show one stored prospect: the resource GET /api/v1/prospects/{id} returns.
     Show {
         #[arg(long, value_name = "ID")]
         account: AccountId,
         #[command(flatten)]
         by: ProspectSelector,
+        /// Also each step's send record, under each enrollment's `steps`.
+        #[arg(long)]
+        steps: bool,
+    },
+    /// List an account's prospects, newest first: a page as GET /api/v1/prospects returns it.
+    List {
+        #[arg(long, value_name = "ID")]
+        account: AccountId,
+        /// Only prospects with this status (new, converted, unsubscribed, bounced).
+        #[arg(long, value_name = "STATUS")]
+        status: Option<String>,
+        /// Prospects per page, 1 to 100.
+        #[arg(long, value_name = "N", default_value_t = shared::domain::DEFAULT_PAGE)]
+        limit: u32,
+        /// The `next_cursor` of the previous page.
+        #[arg(long, value_name = "CURSOR")]
+        cursor: Option<String>,
+    },
+    /// Everything held about one prospect (a GDPR access request), as one JSON document.
+    Export {
+        #[arg(long, value_name = "ID")]
+        account: AccountId,
+        #[arg(long, value_name = "ID")]
+        id: ProspectId,
     },
 }
 

@@ -776,3 +776,35 @@ fn invoke_ends_on_its_timeout() {
     assert!(stderr.trim_end().lines().last().is_some_and(|l| l.contains("did not poll for an event within 1 s")), "{stderr}");
     assert!(took >= Duration::from_secs(1) && took < Duration::from_millis(1600), "ended after {took:?}");
 }
+
+#[tokio::test]
+async fn prospects_show_list_and_export_print_what_the_read_api_returns() {
+    on_both_backends(|cli| {
+        let account = cli.account("Acme");
+        let prospect = store_prospect(cli, &account);
+        let id = prospect.id.to_string();
+
+        let shown = cli.json(&["prospects", "show", "--account", &account, "--id", &id]);
+        assert_eq!((shown["id"].as_str(), shown["email"].as_str(), shown["status"].as_str()), (Some(id.as_str()), Some("Ada@Example.com"), Some("new")));
+        assert_eq!((shown["first_name"].as_str(), shown["status_reason"].as_str()), (Some("Ada <&>"), Some("api")));
+        assert_eq!(shown["enrollments"], json!([]));
+
+        let page = cli.json(&["prospects", "list", "--account", &account]);
+        assert_eq!(page["data"], json!([shown]), "the page holds the same resource");
+        assert_eq!((page["has_more"].as_bool(), page["next_cursor"].is_null()), (Some(false), true));
+        let text = String::from_utf8(cli.run(&["prospects", "list", "--account", &account, "--status", "new"]).stdout).unwrap();
+        assert!(text.starts_with(&format!("{id}  Ada@Example.com  new  created ")), "{text}");
+        let none = String::from_utf8(cli.run(&["prospects", "list", "--account", &account, "--status", "bounced"]).stdout).unwrap();
+        assert_eq!(none.trim_end(), "No prospects.");
+        let bad = cli.run(&["prospects", "list", "--account", &account, "--limit", "500"]);
+        assert!(error_line(&bad, "a limit over 100").contains("limit must be an integer from 1 to 100"), "{bad:?}");
+
+        let export = cli.json(&["prospects", "export", "--account", &account, "--id", &id]);
+        assert_eq!(export["prospect"], shown);
+        assert_eq!((export["emails"].clone(), export["status_changes"].clone()), (json!([]), json!([])));
+        let unknown = uuid::Uuid::new_v4().to_string();
+        let missing = cli.run(&["prospects", "export", "--account", &account, "--id", &unknown]);
+        assert_eq!(error_line(&missing, "an unknown prospect"), "error: prospect not found");
+    })
+    .await;
+}

@@ -27,7 +27,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 pub use error::{ApiError, UNAUTHORIZED_MESSAGE};
 use idempotency::Idempotency;
 
-use crate::domain::{ExternalId, ProspectId, ProspectStatus, StatusReason};
+use crate::domain::{AccountId, ExternalId, ProspectId, ProspectStatus, StatusReason};
 use crate::ports::ProspectRef;
 use crate::service::{Caller, ProspectService, ProspectView};
 
@@ -219,20 +219,26 @@ struct ListBody<'a> {
     next_cursor: Option<String>,
 }
 
+/// One page of `account`'s listing for the query string `raw_query`, as the listing route
+/// returns it (the CLI's `prospects list` too).
+///
+/// # Errors
+/// [`ApiError::BadRequest`] for a bad parameter or cursor; what the service gives.
+pub async fn list_page(service: &ProspectService, account: AccountId, raw_query: &str) -> Result<serde_json::Value, ApiError> {
+    let request = listing::parse(account, Some(raw_query))?;
+    let (views, has_more) = service.list(&request.query, request.email).await?;
+    let next_cursor =
+        views.last().filter(|_| has_more).map(|v| listing::cursor(account, crate::domain::ListPosition::of(v.prospect.created_at, v.prospect.id)));
+    let body = ListBody { data: views.iter().map(ProspectResource::from).collect(), has_more, next_cursor };
+    serde_json::to_value(&body).map_err(|e| ApiError::Internal(Box::new(e)))
+}
+
 async fn list_prospects(Admitted(caller): Admitted, State(service): State<AppState>, uri: axum::http::Uri) -> Response {
-    let response = async {
-        let request = listing::parse(caller.account, uri.query())?;
-        let (views, has_more) = service.list(&request.query, request.email).await?;
-        let next_cursor = views
-            .last()
-            .filter(|_| has_more)
-            .map(|v| listing::cursor(caller.account, crate::domain::ListPosition::of(v.prospect.created_at, v.prospect.id)));
-        let body = ListBody { data: views.iter().map(ProspectResource::from).collect(), has_more, next_cursor };
-        let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::Internal(Box::new(e)))?;
-        Ok::<_, ApiError>(json_response(StatusCode::OK, bytes))
-    }
-    .await;
-    with_rate_limit(response.unwrap_or_else(IntoResponse::into_response), &caller)
+    let response = match list_page(&service, caller.account, uri.query().unwrap_or_default()).await {
+        Ok(page) => json_response(StatusCode::OK, page.to_string()),
+        Err(e) => e.into_response(),
+    };
+    with_rate_limit(response, &caller)
 }
 
 async fn get_by_id(Admitted(caller): Admitted, State(service): State<AppState>, id: Result<Path<String>, PathRejection>) -> Response {
