@@ -308,9 +308,9 @@ async fn unknown_routes_wrong_methods_and_large_bodies_get_json_errors(kind: Kin
 
     let (status, json) = app.send(Method::GET, "/api/v1/nothing-here", Some(&app.key), String::new()).await;
     assert_eq!((status, json["error"].is_string()), (404, true));
-    let (status, json) = app.send(Method::GET, "/api/v1/prospects", Some(&app.key), String::new()).await;
+    let (status, json) = app.send(Method::PUT, "/api/v1/prospects", Some(&app.key), String::new()).await;
     assert_eq!((status, json["error"].is_string()), (405, true));
-    let (status, _) = app.send(Method::DELETE, &format!("/api/v1/prospects/{}", ProspectId::new()), Some(&app.key), String::new()).await;
+    let (status, _) = app.send(Method::PUT, &format!("/api/v1/prospects/{}", ProspectId::new()), Some(&app.key), String::new()).await;
     assert_eq!(status, 405);
     let huge = json!({"email": "big@example.com", "metadata": {"x": "y".repeat(70_000)}}).to_string();
     let (status, json) = app.send(Method::POST, "/api/v1/prospects", Some(&app.key), huge).await;
