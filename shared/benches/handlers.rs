@@ -25,11 +25,11 @@ use shared::domain::{
     gcra, Account, AccountId, ApiKey, ApiKeyRecord, Campaign, CampaignDefinition, CampaignId, CampaignJob,
     IdempotencyBegin, IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectId, ProspectStatus,
     RateDecision,
-    RateLimit, StoredResponse, SystemClock,
+    RateLimit, StoredResponse, SystemClock, ListPosition, ListQuery, StatusReason,
 };
 use shared::http::{router, Routes, KEY_HEADER, PROSPECTS_PATH};
 use shared::ports::{
-    Conflict, IdempotencyStore, JobQueue, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, StoreError,
+    CampaignReader, Conflict, IdempotencyStore, ListPage, JobQueue, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, StoreError,
     UpsertContext,
 };
 use shared::service::{ProspectService, ServicePorts};
@@ -172,12 +172,13 @@ impl ProspectRepository for MemoryStore {
         account: AccountId,
         prospect: &ProspectRef,
         status: ProspectStatus,
+        reason: StatusReason,
         now: OffsetDateTime,
     ) -> Result<Option<Prospect>, StoreError> {
         let mut t = lock(&self.tables);
         let Some(id) = t.resolve(account, prospect) else { return Ok(None) };
         let Some(p) = t.prospects.get_mut(&id) else { return Ok(None) };
-        p.set_status(status, now);
+        p.set_status(status, reason, now);
         p.version += 1;
         Ok(Some(p.clone()))
     }
@@ -185,6 +186,29 @@ impl ProspectRepository for MemoryStore {
     async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
         let t = lock(&self.tables);
         Ok(t.resolve(account, prospect).and_then(|id| t.prospects.get(&id).cloned()))
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        let t = lock(&self.tables);
+        let mut found: Vec<Prospect> = t
+            .prospects
+            .values()
+            .filter(|p| p.account_id == query.account && query.admits(p))
+            .filter(|p| query.before.is_none_or(|b| ListPosition::of(p.created_at, p.id) < b))
+            .cloned()
+            .collect();
+        found.sort_by_key(|p| std::cmp::Reverse(ListPosition::of(p.created_at, p.id)));
+        let limit = usize::try_from(query.limit).unwrap_or(usize::MAX);
+        let has_more = found.len() > limit;
+        found.truncate(limit);
+        Ok(ListPage { prospects: found, has_more })
+    }
+}
+
+#[async_trait]
+impl CampaignReader for MemoryStore {
+    async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError> {
+        Ok(lock(&self.tables).campaigns.get(&id).cloned())
     }
 }
 
@@ -296,6 +320,7 @@ impl Bench {
         let service = ProspectService::new(ServicePorts {
             repo: store.clone(),
             queue: Some(store.clone()),
+            campaigns: store.clone(),
             keys: store.clone(),
             idempotency: store.clone(),
             limiter: store.clone(),

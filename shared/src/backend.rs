@@ -151,7 +151,7 @@ impl Backend {
         ProspectService::new(ServicePorts {
             repo: Arc::clone(&self.repo),
             queue: self.queue.clone(),
-            campaigns: Arc::clone(&self.admin),
+            campaigns: Arc::clone(&self.admin) as Arc<dyn crate::ports::CampaignReader>,
             keys: Arc::clone(&self.keys),
             idempotency: Arc::clone(&self.idempotency),
             limiter: Arc::clone(&self.limiter),

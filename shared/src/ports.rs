@@ -354,9 +354,17 @@ pub trait RateLimiter: Send + Sync {
     async fn check(&self, key: KeyId, limit: RateLimit, now: OffsetDateTime) -> Result<RateDecision, StoreError>;
 }
 
+/// Reads campaigns: what the service needs of them to tell where an enrollment stands.
+#[async_trait]
+pub trait CampaignReader: Send + Sync {
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError>;
+}
+
 /// Accounts, keys and campaigns: what the `cadenhq` admin commands manage.
 #[async_trait]
-pub trait AdminStore: Send + Sync {
+pub trait AdminStore: CampaignReader {
     /// # Errors
     /// [`StoreError`] on a backend failure.
     async fn create_account(&self, account: &Account) -> Result<(), StoreError>;
@@ -400,9 +408,6 @@ pub trait AdminStore: Send + Sync {
     /// # Errors
     /// [`StoreError`] on a backend failure.
     async fn replace_campaign(&self, campaign: &Campaign, expected_version: u64) -> Result<bool, StoreError>;
-    /// # Errors
-    /// [`StoreError`] on a backend failure.
-    async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError>;
     /// Every account, oldest first.
     ///
     /// # Errors

@@ -14,7 +14,7 @@ use crate::domain::{
     RateDecision, StatusReason, StoredResponse, UnsubscribeSecret,
 };
 use crate::ports::{
-    AdminStore, Conflict, IdempotencyStore, JobQueue, ListPage, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, StoreError,
+    CampaignReader, Conflict, IdempotencyStore, JobQueue, ListPage, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, StoreError,
 };
 
 /// How many times an upsert re-reads after losing a race before giving up with 503.
@@ -80,7 +80,7 @@ pub struct ServicePorts {
     /// `None` in a function that never enrolls (PATCH, unsubscribe).
     pub queue: Option<Arc<dyn JobQueue>>,
     /// Campaigns, read to tell where a prospect's enrollments stand.
-    pub campaigns: Arc<dyn AdminStore>,
+    pub campaigns: Arc<dyn CampaignReader>,
     pub keys: Arc<dyn KeyStore>,
     pub idempotency: Arc<dyn IdempotencyStore>,
     pub limiter: Arc<dyn RateLimiter>,

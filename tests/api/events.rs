@@ -9,9 +9,10 @@ use serde_json::Value;
 use shared::adapters::sqlite::SqliteStore;
 use shared::admin;
 use shared::backend::Backend;
-use shared::domain::{ApiKey, ApiKeyRecord, CampaignDefinition, SystemClock};
+use shared::domain::{AccountId, ApiKey, ApiKeyRecord, CampaignDefinition, ExternalId, Prospect, ProspectId, SystemClock};
 use aws_lambda_events::event::sqs::SqsEvent;
-use shared::http::{router, Routes};
+use shared::http::{router, Routes, UNAUTHORIZED_MESSAGE};
+use shared::ports::{ProspectRef, ProspectRepository};
 use shared::adapters::sqs::handle_batch;
 use shared::scheduler::{DeliverySettings, Scheduler};
 use tower::ServiceExt;
@@ -22,7 +23,7 @@ use crate::helpers::{test_secret, RecordingMailer};
 const EVENTS_KEY: &str = "chq_0000000000000000000000000000000000000000000e7e47";
 
 /// Each event, in the order they run against one store, with the status it must get.
-pub(crate) const EXPECTED: [(&str, u16); 16] = [
+pub(crate) const EXPECTED: [(&str, u16); 24] = [
     ("post-prospect-created", 201),
     ("post-prospect-updated", 200),
     ("post-prospect-missing-email", 400),
@@ -37,6 +38,14 @@ pub(crate) const EXPECTED: [(&str, u16); 16] = [
     ("patch-prospect-malformed-id", 404),
     ("patch-prospect-invalid-status", 400),
     ("patch-prospect-missing-key", 401),
+    ("get-prospect-by-id", 200),
+    ("get-prospect-by-external-id", 200),
+    ("get-prospect-not-found", 404),
+    ("get-prospect-malformed-id", 404),
+    ("get-prospect-missing-key", 401),
+    ("get-prospect-export", 200),
+    ("list-prospects", 200),
+    ("list-prospects-bad-limit", 400),
     ("unsubscribe-page-invalid-token", 400),
     ("unsubscribe-one-click-invalid-token", 400),
 ];
@@ -46,6 +55,65 @@ pub(crate) const SQS_EVENTS: [(&str, &[&str]); 1] = [(
     "scheduler-batch-with-poison",
     &["3c9a2e10-6f4b-4d8e-9a1c-0b2d4f6e8a02", "3c9a2e10-6f4b-4d8e-9a1c-0b2d4f6e8a03"],
 )];
+
+/// The prospect id `get-prospect-by-id` carries in its path. The prospect it reads is the one
+/// `post-prospect-created` creates, whose id is only known once created: the tests put that id
+/// in this one's place (see [`with_created_prospect`]).
+pub(crate) const CREATED_PROSPECT_ID: &str = "7a0e2c4f-3b1d-4e5a-9c8b-6d2f1e0a3b4c";
+
+/// The text of an event with `id` in place of [`CREATED_PROSPECT_ID`].
+pub(crate) fn with_created_prospect(raw: &str, id: ProspectId) -> String {
+    raw.replace(CREATED_PROSPECT_ID, &id.to_string())
+}
+
+/// The prospect `post-prospect-created` created (by its external_id, which the other events
+/// name too), as `repo` holds it now.
+pub(crate) async fn created_prospect(repo: &dyn ProspectRepository, account: AccountId) -> Prospect {
+    let raw = std::fs::read_to_string(events_dir().join("post-prospect-created.json")).unwrap();
+    let event: Value = serde_json::from_str(&raw).unwrap();
+    let body: Value = serde_json::from_str(event["body"].as_str().expect("a JSON body")).unwrap();
+    let external_id = ExternalId::parse(body["external_id"].as_str().expect("the event's external_id")).unwrap();
+    repo.find(account, &ProspectRef::ExternalId(external_id)).await.unwrap().expect("post-prospect-created created its prospect")
+}
+
+/// Whether the event is one of the read function's (a GET of a prospect, its export or a page).
+pub(crate) fn is_read(name: &str) -> bool {
+    name.starts_with("get-") || name.starts_with("list-")
+}
+
+/// Checks the JSON body a read event got: for a 200, the resource of `prospect` (the export's
+/// `prospect`, or the page's item of that id); for a 404, the prospect not found; for a 401,
+/// the missing or invalid key; for a 400, an error.
+pub(crate) fn assert_read_body(name: &str, status: u16, body: &Value, prospect: &Prospect) {
+    if status == 200 && name.starts_with("list-") {
+        let data = body["data"].as_array().unwrap_or_else(|| panic!("{name}: data: {body}"));
+        let item = data.iter().find(|p| p["id"] == prospect.id.to_string()).unwrap_or_else(|| panic!("{name}: the prospect is listed: {body}"));
+        return assert_read_body("get-", status, item, prospect);
+    }
+    if status == 200 && name.ends_with("-export") {
+        assert!(body["emails"].is_array() && body["status_changes"].is_array(), "{name}: {body}");
+        return assert_read_body("get-", status, &body["prospect"], prospect);
+    }
+    match status {
+        400 => assert!(body["error"].is_string(), "{name}: {body}"),
+        200 => {
+            assert_eq!(body["id"], prospect.id.to_string(), "{name}: {body}");
+            assert_eq!(body["email"], prospect.email.original(), "{name}: {body}");
+            assert_eq!(body["status"], prospect.status.as_str(), "{name}: {body}");
+            assert_eq!(body["external_id"].as_str(), prospect.external_id.as_ref().map(|e| e.as_str()), "{name}: {body}");
+            assert_eq!(body["metadata"], Value::Object(prospect.metadata.clone()), "{name}: {body}");
+            for field in ["status_changed_at", "status_reason", "created_at", "updated_at"] {
+                assert!(body[field].is_string(), "{name}: {field}: {body}");
+            }
+            let enrollments = body["enrollments"].as_array().unwrap_or_else(|| panic!("{name}: enrollments: {body}"));
+            let campaigns: Vec<String> = prospect.enrollments.iter().map(|e| e.campaign_id.to_string()).collect();
+            assert_eq!(enrollments.iter().map(|e| e["campaign_id"].as_str().unwrap_or_default()).collect::<Vec<_>>(), campaigns, "{name}: {body}");
+        }
+        404 => assert_eq!(*body, serde_json::json!({ "error": "Prospect not found" }), "{name}"),
+        401 => assert_eq!(*body, serde_json::json!({ "error": UNAUTHORIZED_MESSAGE }), "{name}"),
+        other => panic!("{name}: no GET event expects {other}"),
+    }
+}
 
 fn events_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../events"))
@@ -77,15 +145,23 @@ async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers
     let service = backend.service(Arc::new(SystemClock)).with_unsubscribe_secret(test_secret());
     let post_function = router(service.clone(), Routes::Upsert);
     let patch_function = router(service.clone(), Routes::Status);
+    let read_function = router(service.clone(), Routes::Read);
     let unsubscribe_function = router(service, Routes::Unsubscribe);
 
     for (name, expected) in EXPECTED {
-        let raw = std::fs::read_to_string(events_dir().join(format!("{name}.json"))).unwrap();
+        let mut raw = std::fs::read_to_string(events_dir().join(format!("{name}.json"))).unwrap();
+        // The GET events run after the POST and PATCH ones: they read the prospect as those left it.
+        let read = if is_read(name) { Some(created_prospect(backend.repo.as_ref(), account.id).await) } else { None };
+        if let Some(prospect) = &read {
+            raw = with_created_prospect(&raw, prospect.id);
+        }
         let request = lambda_http::request::from_str(&raw).unwrap_or_else(|e| panic!("{name}: {e}"));
         let function = if request.uri().path().starts_with("/unsubscribe/") {
             &unsubscribe_function
         } else if request.method() == "POST" {
             &post_function
+        } else if request.method() == "GET" {
+            &read_function
         } else {
             &patch_function
         };
@@ -101,6 +177,10 @@ async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers
         }
         assert_eq!(content_type, "application/json", "{name}");
         let body: Value = serde_json::from_slice(&bytes).unwrap();
+        if let Some(prospect) = &read {
+            assert_read_body(name, expected, &body, prospect);
+            continue;
+        }
         match expected {
             200 | 201 => assert_eq!(body["accepted"], true, "{name}: {body}"),
             422 => assert!(body["errors"].is_array(), "{name}: {body}"),

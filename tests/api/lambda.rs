@@ -1,7 +1,8 @@
 //! The Lambda functions as AWS runs them: each built function binary started by
 //! `cadenhq invoke`, which plays the Lambda Runtime API, with the environment `template.yaml`
 //! gives it (values pointing at a fresh table, queue and secret in the emulator), fed every
-//! event in `events/` that belongs to it in one warm process. Also: a handler error is a Runtime
+//! event in `events/` that belongs to it in one warm process (the GET by id with the id of the
+//! prospect the POST event created in place of its placeholder). Also: a handler error is a Runtime
 //! API error report and not a crash, a function missing a variable its template sets fails at
 //! init naming it, and the variables each function's code reads are exactly the ones its
 //! template sets. The binaries are built beside `cadenhq` (`scripts/test` builds them first).
@@ -17,9 +18,9 @@ use shared::config::{
     DeliveryConfig, QueueConfig, TableConfig, PUBLIC_URL, QUEUE_URL, SENDER, TABLE_NAME, UNSUBSCRIBE_SECRET_ARN,
     UNSUBSCRIBE_SECRET_FROM_AWS_VARS,
 };
-use shared::domain::{ApiKey, ApiKeyRecord, CampaignDefinition, SystemClock};
+use shared::domain::{AccountId, ApiKey, ApiKeyRecord, CampaignDefinition, Prospect, SystemClock};
 
-use crate::events::{EXPECTED, SQS_EVENTS};
+use crate::events::{assert_read_body, created_prospect, is_read, with_created_prospect, CREATED_PROSPECT_ID, EXPECTED, SQS_EVENTS};
 use crate::helpers::{create_queues, create_table, emulator_sdk_config, CAMPAIGN_FILE};
 
 /// How each `shared::config` reader called in a function's `main.rs` maps to the variables it reads.
@@ -99,14 +100,16 @@ fn owner(event: &Value) -> &'static str {
     match event["routeKey"].as_str().unwrap_or_default().split_once(' ') {
         Some(("POST", "/api/v1/prospects")) => "prospects-post",
         Some(("PATCH", path)) if path.starts_with("/api/v1/prospects/") => "prospects-patch",
+        Some(("GET", path)) if path.starts_with("/api/v1/prospects") => "prospects-read",
         Some((_, path)) if path.starts_with("/unsubscribe/") => "unsubscribe",
         _ => panic!("no function owns {event}"),
     }
 }
 
 /// A fresh table, queue and unsubscribe secret in the emulator, with the account and key the
-/// events carry and a default campaign; returns each template variable's value.
-async fn emulated_environment() -> BTreeMap<&'static str, String> {
+/// events carry and a default campaign; returns each template variable's value, the backend on
+/// them and the account.
+async fn emulated_environment() -> (BTreeMap<&'static str, String>, Backend, AccountId) {
     let sdk = emulator_sdk_config().await;
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     let table = format!("lambda-{suffix}");
@@ -130,13 +133,14 @@ async fn emulated_environment() -> BTreeMap<&'static str, String> {
     let campaign = CampaignDefinition::parse(CAMPAIGN_FILE).unwrap();
     admin::create_campaign(backend.admin.as_ref(), account.id, campaign, true, &SystemClock).await.unwrap();
 
-    BTreeMap::from([
+    let values = BTreeMap::from([
         (TABLE_NAME, table),
         (QUEUE_URL, queue_url),
         (SENDER, SENDER_VALUE.to_owned()),
         (PUBLIC_URL, PUBLIC_URL_VALUE.to_owned()),
         (UNSUBSCRIBE_SECRET_ARN, secret_arn),
-    ])
+    ]);
+    (values, backend, account.id)
 }
 
 /// Runs `cadenhq invoke --json` on `binary` with `env` and `events`; returns the output and
@@ -173,8 +177,9 @@ fn summary(lines: &[Value]) -> &Value {
     last
 }
 
-/// Checks one HTTP answer: the status events.rs documents and the body's shape.
-fn assert_http_answer(name: &str, expected: u16, payload: &Value) {
+/// Checks one HTTP answer: the status events.rs documents and the body's shape; for a GET event,
+/// the body events.rs checks against `read`, the prospect the GET events read.
+fn assert_http_answer(name: &str, expected: u16, payload: &Value, read: Option<&Prospect>) {
     assert_eq!(payload["statusCode"], expected, "{name}: {payload}");
     let content_type = payload["headers"]["content-type"].as_str().unwrap_or_default();
     if content_type.starts_with("text/html") {
@@ -183,6 +188,9 @@ fn assert_http_answer(name: &str, expected: u16, payload: &Value) {
     }
     assert_eq!(content_type, "application/json", "{name}: {payload}");
     let body: Value = serde_json::from_str(payload["body"].as_str().unwrap_or_default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    if is_read(name) {
+        return assert_read_body(name, expected, &body, read.unwrap_or_else(|| panic!("{name}: the prospect it reads")));
+    }
     match expected {
         200 | 201 => assert_eq!(body["accepted"], true, "{name}: {body}"),
         422 => assert!(body["errors"].is_array(), "{name}: {body}"),
@@ -207,9 +215,9 @@ fn events_of(binary: &str) -> Vec<(&'static str, Expected)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_function_binary_answers_its_events_as_documented_from_one_warm_process() {
-    let values = emulated_environment().await;
-    // POST before PATCH: the events run in the order events.rs gives, against one table.
-    for binary in ["prospects-post", "prospects-patch", "unsubscribe", "scheduler"] {
+    let (values, backend, account) = emulated_environment().await;
+    // POST, then PATCH, then GET: the events run in the order events.rs gives, against one table.
+    for binary in ["prospects-post", "prospects-patch", "prospects-read", "unsubscribe", "scheduler"] {
         let expected = events_of(binary);
         assert!(!expected.is_empty(), "{binary} has events");
         let function = template_function(binary);
@@ -218,7 +226,24 @@ async fn every_function_binary_answers_its_events_as_documented_from_one_warm_pr
             .iter()
             .map(|v| (v.as_str(), values.get(v.as_str()).unwrap_or_else(|| panic!("no test value for {v}")).as_str()))
             .collect();
-        let events: Vec<PathBuf> = expected.iter().map(|(name, _)| event_path(name)).collect();
+        // The GET events read the prospect the POST event created, as the PATCH events left it;
+        // the one by id gets its id in a copy of the event.
+        let read = if binary == "prospects-read" { Some(created_prospect(backend.repo.as_ref(), account).await) } else { None };
+        let copies = tempfile::tempdir().unwrap();
+        let events: Vec<PathBuf> = expected
+            .iter()
+            .map(|(name, _)| {
+                let raw = std::fs::read_to_string(event_path(name)).unwrap();
+                match &read {
+                    Some(prospect) if raw.contains(CREATED_PROSPECT_ID) => {
+                        let copy = copies.path().join(format!("{name}.json"));
+                        std::fs::write(&copy, with_created_prospect(&raw, prospect.id)).unwrap();
+                        copy
+                    }
+                    _ => event_path(name),
+                }
+            })
+            .collect();
 
         let (output, lines) = invoke(binary, &env, &events, true);
 
@@ -229,7 +254,7 @@ async fn every_function_binary_answers_its_events_as_documented_from_one_warm_pr
             assert!(answer["event"].as_str().unwrap_or_default().ends_with(&format!("{name}.json")), "{answer}");
             assert_eq!(answer["kind"], "response", "{name}: {answer}");
             match expected {
-                Expected::Status(status) => assert_http_answer(name, *status, &answer["payload"]),
+                Expected::Status(status) => assert_http_answer(name, *status, &answer["payload"], read.as_ref()),
                 Expected::Failures(bad_ids) => {
                     let failures = answer["payload"]["batchItemFailures"].as_array().unwrap_or_else(|| panic!("{name}: {answer}"));
                     let ids: Vec<&str> = failures.iter().filter_map(|f| f["itemIdentifier"].as_str()).collect();
@@ -371,7 +396,7 @@ fn the_claim_lease_outlasts_a_scheduler_invocation_and_ends_before_sqs_redeliver
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_rust_log_trace_a_function_prints_neither_the_key_nor_the_email_of_its_event() {
-    let values = emulated_environment().await;
+    let (values, ..) = emulated_environment().await;
     let function = template_function("prospects-post");
     let mut env: Vec<(&str, &str)> = function.variables.iter().map(|v| (v.as_str(), values[v.as_str()].as_str())).collect();
     env.push(("RUST_LOG", "trace"));

@@ -9,7 +9,7 @@ use super::keys::key_record_of;
 use super::{account_pk, campaign_pk, doc_of, get_s, key, key_id_pk, key_pk, n, s, sdk_error, to_doc, DynamoStore, Item};
 use crate::adapters::record::rfc3339;
 use crate::domain::{Account, AccountId, ApiKeyRecord, Campaign, CampaignId, KeyId, RateLimit};
-use crate::ports::{AdminStore, Conflict, StoreError};
+use crate::ports::{CampaignReader, AdminStore, Conflict, StoreError};
 
 #[async_trait]
 impl AdminStore for DynamoStore {
@@ -142,10 +142,6 @@ impl AdminStore for DynamoStore {
         Ok(true)
     }
 
-    async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError> {
-        self.get(campaign_pk(id), true).await?.as_ref().map(doc_of).transpose()
-    }
-
     async fn list_accounts(&self) -> Result<Vec<Account>, StoreError> {
         let mut accounts: Vec<Account> = Vec::new();
         let mut start = None;
@@ -187,5 +183,12 @@ impl DynamoStore {
         let mut item = key(account_pk(account.id));
         item.insert("doc".into(), to_doc(account)?);
         self.put(item, None).await
+    }
+}
+
+#[async_trait]
+impl CampaignReader for DynamoStore {
+    async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError> {
+        self.get(campaign_pk(id), true).await?.as_ref().map(doc_of).transpose()
     }
 }

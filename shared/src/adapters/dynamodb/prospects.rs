@@ -275,7 +275,7 @@ impl ProspectRepository for DynamoStore {
         for shard in futures::future::join_all(shards).await {
             found.extend(shard?);
         }
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|(position, _)| std::cmp::Reverse(*position));
         let has_more = found.len() > limit;
         Ok(ListPage { prospects: found.into_iter().take(limit).map(|(_, p)| p).collect(), has_more })
     }

@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 
 use super::{db_error, execute, get_doc, json_error, list_docs, query_row, to_i64, SqliteStore};
 use crate::domain::{Account, AccountId, ApiKeyRecord, Campaign, CampaignId, KeyId, RateLimit};
-use crate::ports::{AdminStore, StoreError};
+use crate::ports::{CampaignReader, AdminStore, StoreError};
 
 #[async_trait]
 impl AdminStore for SqliteStore {
@@ -129,10 +129,6 @@ impl AdminStore for SqliteStore {
         .await
     }
 
-    async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError> {
-        self.read(|conn| get_doc(conn, "SELECT doc FROM campaigns WHERE id = ?1", id.to_string()))
-    }
-
     async fn list_accounts(&self) -> Result<Vec<Account>, StoreError> {
         let mut accounts: Vec<Account> = self.read(|conn| {
             let mut stmt = conn.prepare_cached("SELECT doc FROM accounts ORDER BY rowid").map_err(db_error)?;
@@ -141,5 +137,12 @@ impl AdminStore for SqliteStore {
         })?;
         accounts.sort_by_key(|a| a.created_at);
         Ok(accounts)
+    }
+}
+
+#[async_trait]
+impl CampaignReader for SqliteStore {
+    async fn get_campaign(&self, id: CampaignId) -> Result<Option<Campaign>, StoreError> {
+        self.read(|conn| get_doc(conn, "SELECT doc FROM campaigns WHERE id = ?1", id.to_string()))
     }
 }
