@@ -188,6 +188,12 @@ impl ProspectRepository for MemoryStore {
         Ok(t.resolve(account, prospect).and_then(|id| t.prospects.get(&id).cloned()))
     }
 
+    async fn erase(&self, account: AccountId, prospect: &ProspectRef, _: OffsetDateTime) -> Result<Option<ProspectId>, StoreError> {
+        let mut t = lock(&self.tables);
+        let Some(id) = t.resolve(account, prospect) else { return Ok(None) };
+        Ok(t.prospects.remove(&id).map(|p| p.id))
+    }
+
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
         let t = lock(&self.tables);
         let mut found: Vec<Prospect> = t

@@ -71,6 +71,8 @@ pub struct UpsertContext {
     pub default_campaign_id: Option<CampaignId>,
     /// The campaign the request named, if it exists (of any account: the service checks).
     pub requested_campaign: Option<Campaign>,
+    /// Whether a prospect with this address was erased (a suppression entry is kept).
+    pub suppressed: bool,
 }
 
 /// What [`ProspectRepository::update`] needs of the prospect as it was read: the version the
@@ -148,6 +150,15 @@ pub trait ProspectRepository: Send + Sync {
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
+
+    /// Erases the prospect: it, its pointers and everything that names its address or fields
+    /// go in one atomic write, which keeps only a suppression entry (the hash of its
+    /// normalized address, the time, the reason `erased`). Returns its id, or `None` if the
+    /// account has no such prospect.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn erase(&self, account: AccountId, prospect: &ProspectRef, now: OffsetDateTime) -> Result<Option<ProspectId>, StoreError>;
 }
 
 /// The campaign job queue.
@@ -233,8 +244,8 @@ pub trait SendLog: Send + Sync {
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
     async fn claim_send(&self, claim: &ClaimRequest) -> Result<ClaimResult, StoreError>;
 
-    /// Moves a step still claimed by `owner` to `state` (with the `subject` of the email
-    /// rendered, if it was), and keeps the outcome with the
+    /// Moves a step still claimed by `owner` to `state`, and keeps the outcome (with the
+    /// `subject` of the email rendered, if it was) with the
     /// prospect at `prospect` in the same write (see [`Prospect::progress`]). `false`
     /// (nothing written) when the record is no longer that owner's claim, e.g. a redelivery
     /// found its lease expired and recorded `unknown`.

@@ -397,6 +397,7 @@ impl Scheduler {
                 Ok(cx.advance(Outcome::Sent))
             }
             Err(MailError::NotAccepted(e)) => {
+                let e = without_address(&e.to_string(), &email.to);
                 let attempt = job.attempt + 1;
                 if attempt >= MAX_SEND_ATTEMPTS {
                     warn!(error = %e, attempt, "the provider refused every attempt: the step is skipped");
@@ -406,7 +407,7 @@ impl Scheduler {
                 }
                 let retry_at = now + FIRST_BACKOFF * 2_i32.pow(job.attempt.min(10));
                 warn!(error = %e, attempt, "the provider did not take the email; retrying with backoff");
-                let retrying = SendState::RetryScheduled { attempt, retry_at, error: e.to_string() };
+                let retrying = SendState::RetryScheduled { attempt, retry_at, error: e };
                 if let Err(e) = record(retrying, Some(&email.subject)).await {
                     // The retry job names this claim, so it may take it over all the same.
                     warn!(error = %e, "recording the retry failed; the retry job carries the claim");
@@ -415,11 +416,13 @@ impl Scheduler {
                 Ok(Handled { outcome: Outcome::Retrying(retry_at), publish: Some((retry, retry_at)) })
             }
             Err(MailError::Unknown(e)) => {
-                warn!(error = %e, "the provider's answer is unknown: recorded, not resending");
-                record(SendState::Unknown { reason: e.to_string() }, Some(&email.subject)).await?;
+                let reason = without_address(&e.to_string(), &email.to);
+                warn!(error = %reason, "the provider's answer is unknown: recorded, not resending");
+                record(SendState::Unknown { reason }, Some(&email.subject)).await?;
                 Ok(cx.advance(Outcome::Unknown))
             }
             Err(MailError::Rejected(reason)) => {
+                let reason = without_address(&reason, &email.to);
                 warn!(reason = %reason, "recipient rejected: marking the prospect bounced");
                 record(SendState::Rejected { reason }, Some(&email.subject)).await?;
                 self.bounce(cx).await?;
@@ -438,10 +441,41 @@ impl Scheduler {
     }
 }
 
+/// A provider's answer with the recipient's address taken out (answers often quote it): what
+/// is logged and kept in the send log, which must name no address.
+fn without_address(text: &str, address: &str) -> String {
+    let (lower, address) = (text.to_lowercase(), address.trim().to_lowercase());
+    if address.is_empty() || lower.len() != text.len() {
+        return if lower.contains(&address) && !address.is_empty() { "(the provider's answer named the recipient)".to_owned() } else { text.to_owned() };
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = 0;
+    for (at, _) in lower.match_indices(&address) {
+        out.push_str(&text[rest..at]);
+        out.push_str("<recipient>");
+        rest = at + address.len();
+    }
+    out.push_str(&text[rest..]);
+    out
+}
+
 /// Parses a queue message into a campaign job.
 ///
 /// # Errors
 /// [`JobError::Malformed`] for a body that is not one.
 pub fn parse_job(body: &str) -> Result<CampaignJob, JobError> {
     serde_json::from_str(body).map_err(|e| JobError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_address;
+
+    #[test]
+    fn a_provider_answer_keeps_no_address() {
+        let answer = "550 5.1.1 <Ada@Example.com>: Recipient address rejected; ada@example.com unknown";
+        assert_eq!(without_address(answer, "ada@example.COM"), "550 5.1.1 <<recipient>>: Recipient address rejected; <recipient> unknown");
+        assert_eq!(without_address("timed out", "ada@example.com"), "timed out");
+        assert_eq!(without_address("\u{130} ada@example.com", "ada@example.com"), "(the provider's answer named the recipient)");
+    }
 }

@@ -172,6 +172,18 @@ impl ProspectService {
         self.view(prospect).await
     }
 
+    /// Erases one prospect of the account (see [`ProspectRepository::erase`]).
+    ///
+    /// # Errors
+    /// [`ServiceError::NotFound`] when the account has no such prospect (erased already
+    /// included); storage errors.
+    #[instrument(level = "debug", skip_all, fields(account_id = %account))]
+    pub async fn erase(&self, account: AccountId, prospect: &ProspectRef) -> Result<ProspectId, ServiceError> {
+        let id = self.ports.repo.erase(account, prospect, self.ports.clock.now()).await?.ok_or(ServiceError::NotFound)?;
+        info!(account_id = %account, prospect_id = %id, "prospect erased");
+        Ok(id)
+    }
+
     /// One page of the account's prospects that pass `query`, newest first, and whether more
     /// follow. With `email`, the one prospect with that address (a lookup, not a listing), if
     /// it passes the other filters.
@@ -326,6 +338,11 @@ impl ProspectService {
                 None => {
                     let mut prospect = Prospect::new(account, cmd.email.clone(), now);
                     prospect.apply(&cmd.email, &cmd.changes)?;
+                    if ctx.suppressed {
+                        // The address was erased before: the prospect starts unsubscribed, in no
+                        // campaign, until a PATCH to `new` says otherwise.
+                        prospect.set_status(ProspectStatus::Unsubscribed, StatusReason::Erased, now);
+                    }
                     let enrollment = requested.or(ctx.default_campaign_id).and_then(|c| prospect.enroll(c, now));
                     self.publish_first_step(&prospect, enrollment.as_ref(), now).await?;
                     let outcome = UpsertOutcome { prospect_id: prospect.id, created: true };

@@ -265,6 +265,10 @@ impl ProspectRepository for FaultyRepo {
     async fn list(&self, query: &shared::domain::ListQuery) -> Result<shared::ports::ListPage, StoreError> {
         self.inner.list(query).await
     }
+
+    async fn erase(&self, account: AccountId, prospect: &ProspectRef, now: OffsetDateTime) -> Result<Option<shared::domain::ProspectId>, StoreError> {
+        self.inner.erase(account, prospect, now).await
+    }
 }
 
 /// The message attribute in which [`ModelSqsDelays`] keeps when a message becomes visible.

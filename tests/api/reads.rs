@@ -1,4 +1,4 @@
-//! The read API on both backends: GET of one prospect by id or external_id returns the one
+//! The read API and erasure on both backends: GET of one prospect by id or external_id returns the one
 //! prospect resource, sees every acknowledged write at once, and shows where each enrollment
 //! stands.
 
@@ -21,6 +21,8 @@ contract_tests!(
     list_pages_newest_first_and_filters_as_asked,
     list_refuses_bad_parameters_and_foreign_or_tampered_cursors,
     a_walk_through_every_page_sees_each_prospect_once_while_others_are_written,
+    erasure_leaves_no_trace_stops_queued_jobs_and_a_later_post_starts_unsubscribed,
+    erasure_hides_foreign_and_malformed_prospects,
 );
 
 impl TestApp {
@@ -341,4 +343,65 @@ async fn a_walk_through_every_page_sees_each_prospect_once_while_others_are_writ
     }
     assert!(counted.values().all(|n| *n == 1), "no prospect twice");
     assert!(before.iter().all(|id| counted.contains_key(id.as_str())), "every prospect that existed when the walk began");
+}
+
+async fn erasure_leaves_no_trace_stops_queued_jobs_and_a_later_post_starts_unsubscribed(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let traces = ["Zed.Erasable-7q@Example.com", "zed.erasable-7q@example.com", "Zebediah7q", "ext-7q-unique", "m7q-secret-value"];
+    let (_, created) = app
+        .post(&json!({"email": traces[0], "first_name": traces[2], "external_id": traces[3], "metadata": {"note": traces[4]}}))
+        .await;
+    let id = created["prospect_id"].as_str().unwrap().to_owned();
+    app.tick(1).await;
+    assert_eq!(app.mailer.subjects(), ["Hi Zebediah7q"], "the first step went out");
+    app.clock.advance(Duration::seconds(600));
+    let (_, kept) = app.post(&json!({"email": "kept@example.com"})).await;
+
+    let (status, body) = app.send(Method::DELETE, &format!("/api/v1/prospects/{id}"), Some(&app.key), String::new()).await;
+    assert_eq!((status, body), (200, json!({"erased": true, "prospect_id": id})));
+    assert_eq!(app.send(Method::DELETE, &format!("/api/v1/prospects/{id}"), Some(&app.key), String::new()).await.0, 404, "a second erasure");
+    assert_eq!(app.send(Method::DELETE, "/api/v1/prospects/external/ext-7q-unique", Some(&app.key), String::new()).await.0, 404);
+    assert_eq!(app.get(&id).await.0, 404);
+    let dump = app.dump_store().await;
+    for trace in traces {
+        assert!(!dump.contains(trace), "{trace} is still stored");
+    }
+    assert!(!dump.contains("Hi Zebediah7q"), "the subject sent is still stored");
+
+    // The queued second step sends nothing; the other prospect's mail goes on.
+    app.tick(1).await;
+    assert_eq!(app.mailer.subjects(), ["Hi Zebediah7q", "Hi "], "only the other prospect's first step");
+    assert_eq!(app.resource(kept["prospect_id"].as_str().unwrap()).await["enrollments"][0]["steps_sent"], 1);
+
+    // The external_id is free; the address comes back unsubscribed, in no campaign.
+    let (status, again) = app.post(&json!({"email": traces[1], "external_id": traces[3]})).await;
+    assert_eq!(status, 201, "{again}");
+    let again_id = again["prospect_id"].as_str().unwrap().to_owned();
+    assert_ne!(again_id, id);
+    let body = app.resource(&again_id).await;
+    assert_eq!((body["status"].as_str(), body["status_reason"].as_str()), (Some("unsubscribed"), Some("erased")));
+    assert_eq!(body["enrollments"], json!([]));
+    app.tick(1).await;
+    assert_eq!(app.mailer.subjects().len(), 2, "nothing is sent to it");
+    // Only an explicit PATCH to new makes it mailable again.
+    assert_eq!(app.patch(&again_id, &json!({"status": "new"})).await.0, 200);
+    let (_, enrolled) = app.post(&json!({"email": traces[1], "campaign_id": app.campaign.id.to_string()})).await;
+    assert_eq!(enrolled["created"], false);
+    assert_eq!(app.resource(&again_id).await["enrollments"].as_array().map(Vec::len), Some(1));
+}
+
+async fn erasure_hides_foreign_and_malformed_prospects(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let (_, created) = app.post(&json!({"email": "own@example.com", "external_id": "own"})).await;
+    let id = created["prospect_id"].as_str().unwrap().to_owned();
+    let (_, other_key) = app.other_account().await;
+    for path in [format!("/api/v1/prospects/{id}"), "/api/v1/prospects/external/own".to_owned()] {
+        let (status, body) = app.send(Method::DELETE, &path, Some(&other_key), String::new()).await;
+        assert_eq!((status, body), (404, json!({"error": "Prospect not found"})), "another account's");
+        assert_eq!(app.send(Method::DELETE, &path, None, String::new()).await.0, 401);
+    }
+    assert_eq!(app.send(Method::DELETE, "/api/v1/prospects/not-a-uuid", Some(&app.key), String::new()).await.0, 404);
+    assert_eq!(app.resource(&id).await["id"], id.as_str(), "still there");
+    let (status, body) = app.send(Method::DELETE, "/api/v1/prospects/external/own", Some(&app.key), String::new()).await;
+    assert_eq!((status, body["erased"].as_bool()), (200, Some(true)), "by external_id");
 }

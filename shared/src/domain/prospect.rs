@@ -97,6 +97,8 @@ pub enum StatusReason {
     UnsubscribeLink,
     /// The mail provider refused the address when a campaign email was sent.
     Rejected,
+    /// The address was erased before: a prospect created for it again starts unsubscribed.
+    Erased,
 }
 
 impl StatusReason {
@@ -106,6 +108,7 @@ impl StatusReason {
             Self::Api => "api",
             Self::UnsubscribeLink => "unsubscribe_link",
             Self::Rejected => "rejected",
+            Self::Erased => "erased",
         }
     }
 }

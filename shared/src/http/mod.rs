@@ -20,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch, post};
+use axum::routing::{delete, get, patch, post};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -54,6 +54,8 @@ pub enum Routes {
     Upsert,
     /// Both PATCH routes.
     Status,
+    /// `DELETE` of one prospect by id or external_id: erasure.
+    Erase,
     /// The read routes: `GET` of the listing, of one prospect by id or external_id, and of
     /// its export.
     Read,
@@ -72,6 +74,11 @@ pub fn router(service: ProspectService, routes: Routes) -> Router {
         router = router
             .route(PROSPECT_BY_ID_PATH, patch(patch_by_id))
             .route(PROSPECT_BY_EXTERNAL_ID_PATH, patch(patch_by_external_id));
+    }
+    if matches!(routes, Routes::All | Routes::Erase) {
+        router = router
+            .route(PROSPECT_BY_ID_PATH, delete(erase_by_id))
+            .route(PROSPECT_BY_EXTERNAL_ID_PATH, delete(erase_by_external_id));
     }
     // The same paths: their method routers merge.
     if matches!(routes, Routes::All | Routes::Read) {
@@ -239,6 +246,25 @@ async fn list_prospects(Admitted(caller): Admitted, State(service): State<AppSta
         Err(e) => e.into_response(),
     };
     with_rate_limit(response, &caller)
+}
+
+async fn erase_by_id(Admitted(caller): Admitted, State(service): State<AppState>, id: Result<Path<String>, PathRejection>) -> Response {
+    let reference = id.ok().and_then(|Path(raw)| ProspectId::parse(&raw).ok()).map(ProspectRef::Id);
+    with_rate_limit(erase(&service, &caller, reference).await, &caller)
+}
+
+async fn erase_by_external_id(Admitted(caller): Admitted, State(service): State<AppState>, id: Result<Path<String>, PathRejection>) -> Response {
+    let reference = id.ok().and_then(|Path(raw)| ExternalId::parse(&raw).ok()).map(ProspectRef::ExternalId);
+    with_rate_limit(erase(&service, &caller, reference).await, &caller)
+}
+
+/// Both DELETE routes: `{"erased":true,"prospect_id":"…"}`; a second erasure is 404.
+async fn erase(service: &ProspectService, caller: &Caller, prospect: Option<ProspectRef>) -> Response {
+    let Some(prospect) = prospect else { return ApiError::ProspectNotFound.into_response() };
+    match service.erase(caller.account, &prospect).await {
+        Ok(id) => json_response(StatusCode::OK, serde_json::json!({ "erased": true, "prospect_id": id.to_string() }).to_string()),
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 async fn get_by_id(Admitted(caller): Admitted, State(service): State<AppState>, id: Result<Path<String>, PathRejection>) -> Response {

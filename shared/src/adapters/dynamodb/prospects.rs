@@ -95,10 +95,17 @@ fn prospect_from_item(item: &Item) -> Result<Prospect, StoreError> {
     .into_prospect()
 }
 
-fn pointer_put(table: &str, pk: String, target: &str) -> Result<TransactWriteItem, StoreError> {
+/// The Put of a pointer to the prospect item `target`, with what its sibling pointer is keyed by
+/// (`sibling`: the id pointer names the external_id, if any; the external_id pointer the id),
+/// so an erasure finds every item of the prospect from the one pointer it reads.
+fn pointer_put(table: &str, pk: String, target: &str, sibling: (&str, Option<&str>)) -> Result<TransactWriteItem, StoreError> {
+    let mut item = HashMap::from([("pk".to_owned(), s(pk)), ("target".to_owned(), s(target)), ("links".to_owned(), AttributeValue::Bool(true))]);
+    if let (name, Some(value)) = sibling {
+        item.insert(name.to_owned(), s(value));
+    }
     let put = Put::builder()
         .table_name(table)
-        .set_item(Some(HashMap::from([("pk".to_owned(), s(pk)), ("target".to_owned(), s(target))])))
+        .set_item(Some(item))
         .condition_expression("attribute_not_exists(pk)")
         .build()
         .map_err(StoreError::other)?;
@@ -114,7 +121,8 @@ impl ProspectRepository for DynamoStore {
         campaign: Option<CampaignId>,
     ) -> Result<UpsertContext, StoreError> {
         let prospect_key = prospect_pk(&account.to_string(), email.key_hash());
-        let mut keys = vec![key(&prospect_key), key(account_pk(account))];
+        let suppression_key = suppression_pk(&account.to_string(), email.key_hash());
+        let mut keys = vec![key(&prospect_key), key(account_pk(account)), key(&suppression_key)];
         if let Some(c) = campaign {
             keys.push(key(campaign_pk(c)));
         }
@@ -142,6 +150,8 @@ impl ProspectRepository for DynamoStore {
             let pk = get_s(item, "pk")?;
             if pk == prospect_key {
                 ctx.prospect = Some(prospect_from_item(item)?);
+            } else if pk == suppression_key {
+                ctx.suppressed = true;
             } else if pk.starts_with("ACCOUNT#") {
                 ctx.default_campaign_id = doc_of::<Account>(item)?.default_campaign_id;
             } else {
@@ -160,10 +170,11 @@ impl ProspectRepository for DynamoStore {
             .condition_expression("attribute_not_exists(pk)")
             .build()
             .map_err(StoreError::other)?;
-        let mut items = vec![TransactWriteItem::builder().put(put).build(), pointer_put(&self.table, id_pointer_pk(&r.account_id, &r.id), &pk)?];
+        let id_pointer = pointer_put(&self.table, id_pointer_pk(&r.account_id, &r.id), &pk, ("external_id", r.external_id.as_deref()))?;
+        let mut items = vec![TransactWriteItem::builder().put(put).build(), id_pointer];
         let mut conflicts = vec![Conflict::Email, Conflict::Email];
         if let Some(ext) = &r.external_id {
-            items.push(pointer_put(&self.table, external_pointer_pk(&r.account_id, ext), &pk)?);
+            items.push(pointer_put(&self.table, external_pointer_pk(&r.account_id, ext), &pk, ("id", Some(&r.id)))?);
             conflicts.push(Conflict::ExternalId);
         }
         self.transact(items, &conflicts).await
@@ -211,9 +222,20 @@ impl ProspectRepository for DynamoStore {
             conflicts.push(Conflict::Version);
         }
         if let Some(new) = &r.external_id {
-            items.push(pointer_put(&self.table, external_pointer_pk(&r.account_id, new), &pk)?);
+            items.push(pointer_put(&self.table, external_pointer_pk(&r.account_id, new), &pk, ("id", Some(&r.id)))?);
             conflicts.push(Conflict::ExternalId);
         }
+        // The id pointer names the new external_id (the prospect item's condition covers it).
+        let id_pointer = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(match pointer_put(&self.table, id_pointer_pk(&r.account_id, &r.id), &pk, ("external_id", r.external_id.as_deref()))?.put {
+                Some(put) => put.item,
+                None => HashMap::new(),
+            }))
+            .build()
+            .map_err(StoreError::other)?;
+        items.push(TransactWriteItem::builder().put(id_pointer).build());
+        conflicts.push(Conflict::Version);
         self.transact(items, &conflicts).await
     }
 
@@ -263,6 +285,49 @@ impl ProspectRepository for DynamoStore {
         let Some(item) = self.get(pk, true).await? else { return Ok(None) };
         let p = prospect_from_item(&item)?;
         Ok((p.account_id == account).then_some(p))
+    }
+
+    /// One read (the pointer, which names the sibling pointer; or the prospect item, read by
+    /// address) and one transaction: the prospect item and both pointers deleted, conditional
+    /// on the item still being this prospect with that external_id, and the suppression entry
+    /// put. Send records keep no address or field, so they stay (their TTL ends them).
+    async fn erase(&self, account: AccountId, prospect: &ProspectRef, now: OffsetDateTime) -> Result<Option<ProspectId>, StoreError> {
+        let acc = account.to_string();
+        // A failed condition means what was read changed (an external_id moved, a concurrent
+        // write): the next attempt reads the item itself.
+        for attempt in 0..3 {
+            let found = if attempt == 0 { self.erasure_keys(&acc, prospect).await? } else { self.erasure_keys_from_item(&acc, prospect).await? };
+            let Some(ErasureKeys { target, id, external_id }) = found else { return Ok(None) };
+            let email_hash = target.rsplit('#').next().unwrap_or_default().to_owned();
+            let mut condition = "id = :pid".to_owned();
+            let mut delete = Delete::builder().table_name(&self.table).set_key(Some(key(&target))).expression_attribute_values(":pid", s(&id));
+            match &external_id {
+                Some(ext) => {
+                    condition.push_str(" AND external_id = :ext");
+                    delete = delete.expression_attribute_values(":ext", s(ext));
+                }
+                None => condition.push_str(" AND attribute_not_exists(external_id)"),
+            }
+            let delete_pointer = |pk: String| Delete::builder().table_name(&self.table).set_key(Some(key(pk))).build().map_err(StoreError::other);
+            let mut suppression = key(suppression_pk(&acc, &email_hash));
+            suppression.insert("reason".into(), s("erased"));
+            suppression.insert("at".into(), s(rfc3339(now)));
+            let mut items = vec![
+                TransactWriteItem::builder().delete(delete.condition_expression(condition).build().map_err(StoreError::other)?).build(),
+                TransactWriteItem::builder().delete(delete_pointer(id_pointer_pk(&acc, &id))?).build(),
+                TransactWriteItem::builder().put(Put::builder().table_name(&self.table).set_item(Some(suppression)).build().map_err(StoreError::other)?).build(),
+            ];
+            if let Some(ext) = &external_id {
+                items.push(TransactWriteItem::builder().delete(delete_pointer(external_pointer_pk(&acc, ext))?).build());
+            }
+            let conflicts = vec![Conflict::Version; items.len()];
+            match self.transact(items, &conflicts).await {
+                Ok(()) => return ProspectId::parse(&id).map(Some).map_err(|_| StoreError::other("stored prospect has an invalid id")),
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Unavailable("the prospect kept changing during its erasure".into()))
     }
 
     /// One Query per listing shard, together, each newest first from the position, paging
@@ -322,5 +387,59 @@ impl DynamoStore {
                 return Ok(found);
             }
         }
+    }
+}
+
+/// The id a reference by id names (empty for any other reference).
+fn pointer_id(by: &ProspectRef) -> String {
+    match by {
+        ProspectRef::Id(id) => id.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// The suppression entry of an erased address.
+fn suppression_pk(account: &str, email_hash: &str) -> String {
+    format!("SUPPRESS#{account}#{email_hash}")
+}
+
+/// Every key an erasure deletes: the prospect item's, its id's and its external_id's.
+struct ErasureKeys {
+    target: String,
+    id: String,
+    external_id: Option<String>,
+}
+
+impl DynamoStore {
+    /// The erasure keys from the one pointer (or item) `by` names; from the item when the
+    /// pointer was written before pointers named their sibling.
+    async fn erasure_keys(&self, account: &str, by: &ProspectRef) -> Result<Option<ErasureKeys>, StoreError> {
+        let (pointer, sibling) = match by {
+            ProspectRef::Id(id) => (id_pointer_pk(account, &id.to_string()), "external_id"),
+            ProspectRef::ExternalId(ext) => (external_pointer_pk(account, ext.as_str()), "id"),
+            ProspectRef::Email(_) | ProspectRef::EmailHash(_) => return self.erasure_keys_from_item(account, by).await,
+        };
+        let Some(item) = self.get(pointer, true).await? else { return Ok(None) };
+        if item.get("links").is_none() {
+            return self.erasure_keys_from_item(account, by).await;
+        }
+        let target = get_s(&item, "target")?;
+        let sibling = item.get(sibling).and_then(|v| v.as_s().ok()).cloned();
+        Ok(Some(if let ProspectRef::ExternalId(ext) = by {
+            let id = sibling.ok_or_else(|| StoreError::other("an external_id pointer names no id"))?;
+            ErasureKeys { target, id, external_id: Some(ext.as_str().to_owned()) }
+        } else {
+            ErasureKeys { target, id: pointer_id(by), external_id: sibling }
+        }))
+    }
+
+    /// The erasure keys from the prospect item itself.
+    async fn erasure_keys_from_item(&self, account: &str, by: &ProspectRef) -> Result<Option<ErasureKeys>, StoreError> {
+        let Some(target) = self.resolve(AccountId::parse(account).map_err(StoreError::other)?, by).await? else { return Ok(None) };
+        let Some(item) = self.get(target.clone(), true).await? else { return Ok(None) };
+        if get_s(&item, "account_id")? != account {
+            return Ok(None);
+        }
+        Ok(Some(ErasureKeys { target, id: get_s(&item, "id")?, external_id: item.get("external_id").and_then(|v| v.as_s().ok()).cloned() }))
     }
 }

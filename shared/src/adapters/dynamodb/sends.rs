@@ -162,10 +162,6 @@ impl SendLog for DynamoStore {
             expression.push_str(", detail = :detail");
             update = update.expression_attribute_values(":detail", s(detail));
         }
-        if let Some(subject) = subject {
-            expression.push_str(", subject = :subject");
-            update = update.expression_attribute_values(":subject", s(subject));
-        }
         let mut retry_at = None;
         if let SendState::RetryScheduled { attempt, retry_at: at, .. } = state {
             expression.push_str(", retry_at = :retry_at, attempts = :attempts");

@@ -103,6 +103,9 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (account_id, key_hash));
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, queued_at TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS suppressions (
+    account_id TEXT NOT NULL, email_hash TEXT NOT NULL, reason TEXT NOT NULL, at TEXT NOT NULL,
+    PRIMARY KEY (account_id, email_hash));
 CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1), keys_version INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (id, keys_version) VALUES (1, 0);
 CREATE TRIGGER IF NOT EXISTS api_keys_inserted AFTER INSERT ON api_keys
@@ -181,7 +184,13 @@ struct Inner {
     /// The writer thread's queue; `None` only while dropping.
     writes: Option<mpsc::Sender<Box<dyn PendingWrite>>>,
     writer: Option<JoinHandle<()>>,
+    /// Writers waiting for the WAL to be emptied and truncated after their commit.
+    wal_truncations: WalTruncations,
 }
+
+/// Who waits for the WAL to be truncated once the group they wrote in is committed: an
+/// erasure, so that no copy of what it deleted stays in the WAL file.
+type WalTruncations = Arc<Mutex<Vec<oneshot::Sender<()>>>>;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -283,7 +292,7 @@ where
 
 /// The writer thread: commits the queued writes group by group until every store is dropped.
 /// Between groups, `pin` holds a read transaction on the latest commit (see [`Pin`]).
-fn write_loop(conn: &Connection, pin: &Pin, writes: &mpsc::Receiver<Box<dyn PendingWrite>>) {
+fn write_loop(conn: &Connection, pin: &Pin, writes: &mpsc::Receiver<Box<dyn PendingWrite>>, truncations: &WalTruncations) {
     pin.hold();
     loop {
         let first = match writes.recv_timeout(PIN_REFRESH) {
@@ -304,6 +313,17 @@ fn write_loop(conn: &Connection, pin: &Pin, writes: &mpsc::Receiver<Box<dyn Pend
         }
         pin.release();
         commit_group(conn, group);
+        let waiting = std::mem::take(&mut *truncations.lock().unwrap_or_else(PoisonError::into_inner));
+        if !waiting.is_empty() {
+            // Copies every frame back and empties the file (waiting for readers as long as
+            // the busy timeout lets it); the pin is not held now.
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "the WAL could not be truncated after an erasure");
+            }
+            for waiter in waiting {
+                let _ = waiter.send(());
+            }
+        }
         pin.hold();
     }
     pin.release();
@@ -412,6 +432,8 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db_error)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(db_error)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db_error)?;
+        // Deleted content is overwritten, so an erased prospect leaves no trace in free pages.
+        conn.pragma_update(None, "secure_delete", "ON").map_err(db_error)?;
         conn.execute_batch(SCHEMA).map_err(db_error)?;
         add_missing_columns(&conn).map_err(db_error)?;
         prospects::fill_listing_positions(&conn)?;
@@ -422,9 +444,11 @@ impl SqliteStore {
         pin.busy_timeout(Duration::ZERO).map_err(db_error)?;
         let pin = Pin(pin);
         let (writes, queue) = mpsc::channel::<Box<dyn PendingWrite>>();
+        let wal_truncations = WalTruncations::default();
+        let truncations = Arc::clone(&wal_truncations);
         let writer = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(&conn, &pin, &queue))
+            .spawn(move || write_loop(&conn, &pin, &queue, &truncations))
             .map_err(StoreError::other)?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -433,6 +457,7 @@ impl SqliteStore {
                 keys: Mutex::default(),
                 writes: Some(writes),
                 writer: Some(writer),
+                wal_truncations,
             }),
         })
     }

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use super::{db_error, execute, get_doc, query_row, SqliteStore};
 use crate::adapters::record::{from_json, parse_rfc3339, rfc3339, to_json, ProspectRecord};
 use crate::domain::{
-    millis, Account, AccountId, CampaignId, EnrollmentId, ListQuery, NormalizedEmail, Prospect, ProspectStatus, StatusChange, StatusReason,
+    millis, Account, AccountId, CampaignId, EnrollmentId, ProspectId, ListQuery, NormalizedEmail, Prospect, ProspectStatus, StatusChange, StatusReason,
     StepProgress,
 };
 use crate::ports::{Conflict, ListPage, ProspectRef, ProspectRepository, Replacing, StoreError, UpsertContext};
@@ -147,6 +147,7 @@ impl ProspectRepository for SqliteStore {
         // Each lookup reads the latest commit; they need no common snapshot: the account's
         // default and the requested campaign do not depend on the prospect.
         self.read(|conn| {
+            let account_id = account;
             let prospect = find_prospect_where(conn, select_prospect_by!("email_hash"), account, email.key_hash())?;
             // Only a new prospect is enrolled in the default campaign.
             let account: Option<Account> = match prospect {
@@ -157,7 +158,10 @@ impl ProspectRepository for SqliteStore {
                 Some(id) => get_doc(conn, "SELECT doc FROM campaigns WHERE id = ?1", id.to_string())?,
                 None => None,
             };
-            Ok(UpsertContext { prospect, default_campaign_id: account.and_then(|a| a.default_campaign_id), requested_campaign })
+            let suppressed = prospect.is_none()
+                && query_row(conn, "SELECT EXISTS (SELECT 1 FROM suppressions WHERE account_id = ?1 AND email_hash = ?2)", params![account_id.to_string(), email.key_hash()], |r| r.get(0))
+                    .map_err(db_error)?;
+            Ok(UpsertContext { prospect, default_campaign_id: account.and_then(|a| a.default_campaign_id), requested_campaign, suppressed })
         })
     }
 
@@ -223,6 +227,42 @@ impl ProspectRepository for SqliteStore {
 
     async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
         self.read(|conn| find_prospect(conn, account, prospect))
+    }
+
+    /// One write transaction: the emails of the outbox sent to the prospect, its send log
+    /// rows, its row; a suppression entry in their place. The WAL is truncated after the
+    /// commit, and freed pages are zeroed (`secure_delete`), so the file keeps no copy.
+    async fn erase(&self, account: AccountId, prospect: &ProspectRef, now: OffsetDateTime) -> Result<Option<ProspectId>, StoreError> {
+        let by = prospect.clone();
+        let (done, truncated) = tokio::sync::oneshot::channel();
+        let waiters = std::sync::Arc::clone(&self.inner.wal_truncations);
+        let erased = self
+            .write(move |conn| {
+                let Some(p) = find_prospect(conn, account, &by)? else { return Ok(None) };
+                let id = p.id.to_string();
+                execute(
+                    conn,
+                    "DELETE FROM outbox WHERE message_id IN (SELECT detail FROM sends WHERE prospect_id = ?1 AND state = 'sent')
+                        OR lower(trim(json_extract(doc, '$.to'))) = ?2",
+                    params![id, p.email.as_str()],
+                )
+                .map_err(db_error)?;
+                execute(conn, "DELETE FROM sends WHERE prospect_id = ?1", [&id]).map_err(db_error)?;
+                execute(conn, "DELETE FROM prospects WHERE id = ?1", [&id]).map_err(db_error)?;
+                execute(
+                    conn,
+                    "INSERT OR REPLACE INTO suppressions (account_id, email_hash, reason, at) VALUES (?1, ?2, 'erased', ?3)",
+                    params![account.to_string(), p.email.key_hash(), rfc3339(now)],
+                )
+                .map_err(db_error)?;
+                waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(done);
+                Ok(Some(p.id))
+            })
+            .await?;
+        if erased.is_some() {
+            let _ = truncated.await;
+        }
+        Ok(erased)
     }
 
     /// One query on `prospects_listing` (or `prospects_status_listing` with a status): the
