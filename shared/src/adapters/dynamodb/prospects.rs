@@ -420,7 +420,7 @@ impl DynamoStore {
             ProspectRef::Email(_) | ProspectRef::EmailHash(_) => return self.erasure_keys_from_item(account, by).await,
         };
         let Some(item) = self.get(pointer, true).await? else { return Ok(None) };
-        if item.get("links").is_none() {
+        if !item.contains_key("links") {
             return self.erasure_keys_from_item(account, by).await;
         }
         let target = get_s(&item, "target")?;
