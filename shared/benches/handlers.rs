@@ -126,6 +126,7 @@ impl ProspectRepository for MemoryStore {
             prospect: id.and_then(|id| t.prospects.get(&id).cloned()),
             default_campaign_id: t.accounts.get(&account).and_then(|a| a.default_campaign_id),
             requested_campaign: campaign.and_then(|c| t.campaigns.get(&c).cloned()),
+            suppressed: false,
         })
     }
 
