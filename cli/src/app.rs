@@ -268,15 +268,13 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             let value = serde_json::to_value(shared::http::ProspectExport::from(&view)).map_err(|e| AppError::Usage(e.to_string()))?;
             output::line(&value)?;
         }
+        Command::Prospects(ProspectsCommand::Erase { account, by }) => {
+            let service = backend.service(std::sync::Arc::new(clock));
+            let id = service.erase(account, &prospect_ref(by)?).await.map_err(|e| AppError::Usage(service_error(&e)))?;
+            emit(j, &json!({ "erased": true, "prospect_id": id }), &format!("Erased prospect {id}: only a suppression entry of its address's hash is kept"))?;
+        }
         Command::Prospects(ProspectsCommand::Show { account, by, steps }) => {
-            let reference = if let Some(id) = by.id {
-                ProspectRef::Id(id)
-            } else if let Some(email) = by.email {
-                ProspectRef::Email(NormalizedEmail::parse(&email).map_err(|e| AppError::Usage(e.to_string()))?)
-            } else {
-                let raw = by.external_id.unwrap_or_default();
-                ProspectRef::ExternalId(ExternalId::parse(&raw).map_err(|e| AppError::Usage(e.to_string()))?)
-            };
+            let reference = prospect_ref(by)?;
             let service = backend.service(std::sync::Arc::new(clock));
             let view = service.get(account, &reference).await.map_err(|e| AppError::Usage(service_error(&e)))?;
             let mut value = serde_json::to_value(shared::http::ProspectResource::from(&view)).map_err(|e| AppError::Usage(e.to_string()))?;
@@ -472,6 +470,18 @@ fn step_json((i, record): (usize, &Option<SendRecord>)) -> Value {
             "claimed_at": rfc3339(r.claimed_at), "updated_at": rfc3339(r.updated_at),
         }),
     }
+}
+
+/// The prospect a selector names.
+fn prospect_ref(by: crate::args::ProspectSelector) -> Result<ProspectRef, AppError> {
+    Ok(if let Some(id) = by.id {
+        ProspectRef::Id(id)
+    } else if let Some(email) = by.email {
+        ProspectRef::Email(NormalizedEmail::parse(&email).map_err(|e| AppError::Usage(e.to_string()))?)
+    } else {
+        let raw = by.external_id.unwrap_or_default();
+        ProspectRef::ExternalId(ExternalId::parse(&raw).map_err(|e| AppError::Usage(e.to_string()))?)
+    })
 }
 
 /// A service error as the CLI says it.

@@ -230,6 +230,13 @@ pub enum ProspectsCommand {
         #[arg(long, value_name = "CURSOR")]
         cursor: Option<String>,
     },
+    /// Erase one prospect (a GDPR erasure request), as DELETE /api/v1/prospects/{id} does.
+    Erase {
+        #[arg(long, value_name = "ID")]
+        account: AccountId,
+        #[command(flatten)]
+        by: ProspectSelector,
+    },
     /// Everything held about one prospect (a GDPR access request), as one JSON document.
     Export {
         #[arg(long, value_name = "ID")]

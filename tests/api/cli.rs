@@ -808,3 +808,40 @@ async fn prospects_show_list_and_export_print_what_the_read_api_returns() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_erased_prospect_leaves_nothing_in_the_outbox_or_the_database_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, url, printed) = start_server(dir.path());
+    let key = printed.split_whitespace().find(|w| w.starts_with("chq_")).expect("key printed").to_owned();
+    let http = reqwest::Client::new();
+    let traces = ["Quill.Erase-9z@Example.org", "quill.erase-9z@example.org", "Quillon9z", "crm-9z-erase", "meta-9z-value"];
+    let body = json!({"email": traces[0], "first_name": traces[2], "external_id": traces[3], "metadata": {"n": traces[4]}});
+    let response = http.post(format!("{url}/api/v1/prospects")).header("X-CadenHQ-Key", &key).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    let mut emails = Value::Null;
+    for _ in 0..50 {
+        emails = json_of(&cadenhq(dir.path(), &["outbox", "list", "--json"]));
+        if emails["emails"].as_array().is_some_and(|e| !e.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(emails["emails"][0]["to"], traces[0], "the first step is in the outbox");
+    let account = str_of(&json_of(&cadenhq(dir.path(), &["accounts", "list", "--json"]))["accounts"][0], "account_id").to_owned();
+
+    let erased = json_of(&cadenhq(dir.path(), &["prospects", "erase", "--account", &account, "--external-id", traces[3], "--json"]));
+    assert_eq!(erased["erased"], true);
+    let again = cadenhq(dir.path(), &["prospects", "erase", "--account", &account, "--email", traces[1]]);
+    assert_eq!(error_line(&again, "a second erasure"), "error: prospect not found");
+    assert_eq!(json_of(&cadenhq(dir.path(), &["outbox", "list", "--json"]))["emails"], json!([]), "its email is gone from the outbox");
+    interrupt_and_wait(child);
+
+    let mut files = String::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        files.push_str(&String::from_utf8_lossy(&std::fs::read(entry.unwrap().path()).unwrap()));
+    }
+    for trace in traces {
+        assert!(!files.contains(trace), "{trace} is still in the database files");
+    }
+}

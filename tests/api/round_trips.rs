@@ -288,6 +288,26 @@ async fn get_costs_these_round_trips_with_the_key_already_cached() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_costs_one_read_and_one_transaction() {
+    let app = CountedApp::spawn(GENEROUS).await;
+    let id = app.post(&prospect(0), 201).await;
+    app.post(&prospect(1), 201).await;
+    app.calls.take();
+
+    // The pointer (which names its sibling pointer), then one transaction: the item and both
+    // pointers deleted, the suppression entry put.
+    let (status, _) = app.request(reqwest::Method::DELETE, &format!("/{id}"), &Value::Null).await;
+    assert_eq!(status, 200);
+    app.check("DELETE by id", &[("DynamoDB.GetItem", 1), ("DynamoDB.TransactWriteItems", 1)]);
+    let (status, _) = app.request(reqwest::Method::DELETE, "/external/crm-1", &Value::Null).await;
+    assert_eq!(status, 200);
+    app.check("DELETE by external_id", &[("DynamoDB.GetItem", 1), ("DynamoDB.TransactWriteItems", 1)]);
+    let (status, _) = app.request(reqwest::Method::DELETE, &format!("/{id}"), &Value::Null).await;
+    assert_eq!(status, 404);
+    app.check("DELETE of an erased prospect", &[("DynamoDB.GetItem", 1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_is_read_once_per_cache_period_and_its_use_recorded_once_a_minute() {
     let app = CountedApp::spawn(GENEROUS).await;
     let body = prospect(0);
