@@ -22,8 +22,10 @@ use crate::helpers::{test_secret, RecordingMailer};
 /// The key the events carry; seeded into the store by this test only.
 const EVENTS_KEY: &str = "chq_0000000000000000000000000000000000000000000e7e47";
 
-/// Each event, in the order they run against one store, with the status it must get.
-pub(crate) const EXPECTED: [(&str, u16); 24] = [
+/// Each event, in the order they run against one store, with the status it must get. The
+/// DELETE events come after every other event about a prospect: they erase the one the others
+/// read.
+pub(crate) const EXPECTED: [(&str, u16); 27] = [
     ("post-prospect-created", 201),
     ("post-prospect-updated", 200),
     ("post-prospect-missing-email", 400),
@@ -46,6 +48,9 @@ pub(crate) const EXPECTED: [(&str, u16); 24] = [
     ("get-prospect-export", 200),
     ("list-prospects", 200),
     ("list-prospects-bad-limit", 400),
+    ("delete-prospect-by-id", 200),
+    ("delete-prospect-not-found", 404),
+    ("delete-prospect-missing-key", 401),
     ("unsubscribe-page-invalid-token", 400),
     ("unsubscribe-one-click-invalid-token", 400),
 ];
@@ -56,9 +61,10 @@ pub(crate) const SQS_EVENTS: [(&str, &[&str]); 1] = [(
     &["3c9a2e10-6f4b-4d8e-9a1c-0b2d4f6e8a02", "3c9a2e10-6f4b-4d8e-9a1c-0b2d4f6e8a03"],
 )];
 
-/// The prospect id `get-prospect-by-id` carries in its path. The prospect it reads is the one
-/// `post-prospect-created` creates, whose id is only known once created: the tests put that id
-/// in this one's place (see [`with_created_prospect`]).
+/// The prospect id `get-prospect-by-id` (and `delete-prospect-by-id`) carries in its path. The
+/// prospect it reads (and erases) is the one `post-prospect-created` creates, whose id is only
+/// known once created: the tests put that id in this one's place (see
+/// [`with_created_prospect`]).
 pub(crate) const CREATED_PROSPECT_ID: &str = "7a0e2c4f-3b1d-4e5a-9c8b-6d2f1e0a3b4c";
 
 /// The text of an event with `id` in place of [`CREATED_PROSPECT_ID`].
@@ -79,6 +85,22 @@ pub(crate) async fn created_prospect(repo: &dyn ProspectRepository, account: Acc
 /// Whether the event is one of the read function's (a GET of a prospect, its export or a page).
 pub(crate) fn is_read(name: &str) -> bool {
     name.starts_with("get-") || name.starts_with("list-")
+}
+
+/// Whether the event is one of the erase function's (a DELETE of a prospect).
+pub(crate) fn is_erase(name: &str) -> bool {
+    name.starts_with("delete-")
+}
+
+/// Checks the JSON body an erase event got: for a 200, the erasure of `prospect`; for a 404,
+/// the prospect not found; for a 401, the missing or invalid key.
+pub(crate) fn assert_erase_body(name: &str, status: u16, body: &Value, prospect: &Prospect) {
+    match status {
+        200 => assert_eq!(*body, serde_json::json!({ "erased": true, "prospect_id": prospect.id.to_string() }), "{name}"),
+        404 => assert_eq!(*body, serde_json::json!({ "error": "Prospect not found" }), "{name}"),
+        401 => assert_eq!(*body, serde_json::json!({ "error": UNAUTHORIZED_MESSAGE }), "{name}"),
+        other => panic!("{name}: no DELETE event expects {other}"),
+    }
 }
 
 /// Checks the JSON body a read event got: for a 200, the resource of `prospect` (the export's
@@ -132,6 +154,14 @@ fn every_event_file_has_an_expected_outcome() {
     assert_eq!(files, listed);
 }
 
+#[test]
+fn the_delete_events_run_after_every_other_event_about_a_prospect() {
+    let about_a_prospect = |name: &str| !name.starts_with("unsubscribe-");
+    let first_erase = EXPECTED.iter().position(|(name, _)| is_erase(name)).expect("DELETE events");
+    let last_other = EXPECTED.iter().rposition(|(name, _)| about_a_prospect(name) && !is_erase(name)).expect("other events");
+    assert!(last_other < first_erase, "{} runs after {}, which erases the prospect", EXPECTED[last_other].0, EXPECTED[first_erase].0);
+}
+
 #[tokio::test]
 async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers() {
     let dir = tempfile::tempdir().unwrap();
@@ -146,13 +176,20 @@ async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers
     let post_function = router(service.clone(), Routes::Upsert);
     let patch_function = router(service.clone(), Routes::Status);
     let read_function = router(service.clone(), Routes::Read);
+    let erase_function = router(service.clone(), Routes::Erase);
     let unsubscribe_function = router(service, Routes::Unsubscribe);
 
+    // The prospect the DELETE events erase, as the events before them left it.
+    let mut erased: Option<Prospect> = None;
     for (name, expected) in EXPECTED {
         let mut raw = std::fs::read_to_string(events_dir().join(format!("{name}.json"))).unwrap();
         // The GET events run after the POST and PATCH ones: they read the prospect as those left it.
         let read = if is_read(name) { Some(created_prospect(backend.repo.as_ref(), account.id).await) } else { None };
-        if let Some(prospect) = &read {
+        if is_erase(name) && erased.is_none() {
+            erased = Some(created_prospect(backend.repo.as_ref(), account.id).await);
+        }
+        let erase = if is_erase(name) { erased.as_ref() } else { None };
+        if let Some(prospect) = read.as_ref().or(erase) {
             raw = with_created_prospect(&raw, prospect.id);
         }
         let request = lambda_http::request::from_str(&raw).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -162,6 +199,8 @@ async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers
             &post_function
         } else if request.method() == "GET" {
             &read_function
+        } else if request.method() == "DELETE" {
+            &erase_function
         } else {
             &patch_function
         };
@@ -181,14 +220,29 @@ async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers
             assert_read_body(name, expected, &body, prospect);
             continue;
         }
+        if let Some(prospect) = erase {
+            assert_erase_body(name, expected, &body, prospect);
+            continue;
+        }
         match expected {
             200 | 201 => assert_eq!(body["accepted"], true, "{name}: {body}"),
             422 => assert!(body["errors"].is_array(), "{name}: {body}"),
             _ => assert!(body["error"].is_string(), "{name}: {body}"),
         }
     }
+    let prospect = erased.expect("the DELETE events ran");
+    assert_erased(backend.repo.as_ref(), account.id, &prospect).await;
     let jobs = store.queued_jobs().await.unwrap();
     assert_eq!(jobs.len(), 1, "one enrollment, one job");
+}
+
+/// Checks that `repo` holds `prospect` no more, by id, by external_id or by address.
+pub(crate) async fn assert_erased(repo: &dyn ProspectRepository, account: AccountId, prospect: &Prospect) {
+    let mut references = vec![ProspectRef::Id(prospect.id), ProspectRef::Email(prospect.email.clone())];
+    references.extend(prospect.external_id.clone().map(ProspectRef::ExternalId));
+    for reference in references {
+        assert_eq!(repo.find(account, &reference).await.unwrap(), None, "{reference:?}: the erased prospect is gone");
+    }
 }
 
 #[tokio::test]

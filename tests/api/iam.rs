@@ -45,7 +45,7 @@ use shared::admin;
 use shared::backend::Backend;
 use shared::domain::{CampaignDefinition, SystemClock};
 use shared::http::{router, Routes, KEY_HEADER};
-use shared::ports::Mailer;
+use shared::ports::{Mailer, ProspectRef};
 use shared::adapters::sqs::handle_batch;
 use shared::scheduler::{DeliverySettings, Scheduler};
 
@@ -63,6 +63,10 @@ const ADAPTER_ACTIONS: &[(&str, &[&str])] = &[
     // The pointer's GetItem, then the UpdateItem.
     ("ProspectRepository::set_status", &["dynamodb:GetItem", "dynamodb:UpdateItem"]),
     ("ProspectRepository::find", &["dynamodb:GetItem"]),
+    // The pointer's GetItem (or the prospect item's, for a pointer naming no sibling, and
+    // after a failed condition), then one transaction: Deletes of the prospect item and its
+    // pointers, the Put of the suppression entry.
+    ("ProspectRepository::erase", &["dynamodb:GetItem", "dynamodb:DeleteItem", "dynamodb:PutItem"]),
     // One Query per shard of the listing index.
     ("ProspectRepository::list", &["dynamodb:Query"]),
     ("KeyStore::find_key", &["dynamodb:GetItem"]),
@@ -98,6 +102,10 @@ const ADAPTER_PARTITIONS: &[(&str, &str, &[&str])] = &[
     ("KeyStore::touch_key", "dynamodb:UpdateItem", &["KEY#"]),
     // The key's bucket.
     ("RateLimiter::check", "dynamodb:UpdateItem", &["RATE#"]),
+    // The prospect item and its id and external_id pointers.
+    ("ProspectRepository::erase", "dynamodb:DeleteItem", &["PROSPECT#", "PID#", "EXT#"]),
+    // The erased address's suppression entry.
+    ("ProspectRepository::erase", "dynamodb:PutItem", &["SUPPRESS#"]),
 ];
 
 /// What Lambda's SQS event source mapping does with the function's role, on its queue
@@ -109,6 +117,7 @@ const WIRING: &[&str] = &[
     "Routes::Upsert",
     "Routes::Status",
     "Routes::Read",
+    "Routes::Erase",
     "Routes::Unsubscribe",
     "QueueConfig::from_env",
     "unsubscribe_secret_from_aws",
@@ -155,10 +164,14 @@ const PATCH_CALLS: &[&str] = &[
 const READ_CALLS: &[&str] =
     &["KeyStore::find_key", "KeyStore::touch_key", "RateLimiter::check", "ProspectRepository::find", "ProspectRepository::list", "AdminStore::get_campaign"];
 
+/// The DELETE function: admission without an Idempotency-Key, then the erasure.
+const ERASE_CALLS: &[&str] = &["KeyStore::find_key", "KeyStore::touch_key", "RateLimiter::check", "ProspectRepository::erase"];
+
 const FUNCTIONS: &[Function] = &[
     Function { binary: "prospects-post", wires: &["Routes::Upsert", "QueueConfig::from_env"], calls: POST_CALLS },
     Function { binary: "prospects-patch", wires: &["Routes::Status"], calls: PATCH_CALLS },
     Function { binary: "prospects-read", wires: &["Routes::Read"], calls: READ_CALLS },
+    Function { binary: "prospects-erase", wires: &["Routes::Erase"], calls: ERASE_CALLS },
     Function {
         binary: "unsubscribe",
         wires: &["Routes::Unsubscribe", "unsubscribe_secret_from_aws"],
@@ -483,6 +496,36 @@ fn the_read_function_can_write_no_prospect_and_only_the_keys_last_use_and_rate_l
 }
 
 #[test]
+fn the_erase_function_can_delete_only_a_prospect_and_its_pointers_and_put_only_a_suppression_entry() {
+    let grants = table_grants("ProspectsEraseFunction");
+    for action in [
+        "dynamodb:BatchWriteItem",
+        "dynamodb:BatchGetItem",
+        "dynamodb:Query",
+        "dynamodb:Scan",
+        "dynamodb:ConditionCheckItem",
+        "dynamodb:PartiQLSelect",
+        "dynamodb:PartiQLInsert",
+        "dynamodb:PartiQLUpdate",
+        "dynamodb:PartiQLDelete",
+    ] {
+        assert!(!grants.contains_key(action), "ProspectsEraseFunction is granted {action}");
+    }
+    assert_eq!(grants.get("dynamodb:GetItem"), Some(&None), "GetItem: the key, the bucket, the pointer or the prospect, by key");
+    let scoped = |action: &str| -> Vec<String> {
+        let scope = grants.get(action).unwrap_or_else(|| panic!("ProspectsEraseFunction is not granted {action}"));
+        let partitions = scope.as_ref().unwrap_or_else(|| panic!("{action} limited to some partitions by a dynamodb:LeadingKeys condition"));
+        partitions.iter().cloned().collect()
+    };
+    // Not an account, key, campaign, send record or idempotency record: only what erasure removes.
+    assert_eq!(scoped("dynamodb:DeleteItem"), ["EXT#", "PID#", "PROSPECT#"]);
+    // Nothing but the suppression entry is created or replaced.
+    assert_eq!(scoped("dynamodb:PutItem"), ["SUPPRESS#"]);
+    assert_eq!(scoped("dynamodb:UpdateItem"), ["KEY#", "RATE#"]);
+    assert_eq!(grants.len(), 4, "GetItem, DeleteItem, PutItem and UpdateItem only: {grants:?}");
+}
+
+#[test]
 fn the_scheduler_consumes_its_queue_through_a_mapping_with_the_batch_settings() {
     let mappings = event_source_mappings("SchedulerFunction");
     assert_eq!(mappings.len(), 1);
@@ -744,6 +787,29 @@ async fn each_function_calls_only_and_all_of_the_actions_its_rows_list() {
     assert!(!follow_ups.is_empty(), "next steps and the retry were published");
     handle_batch(&through_recording, event(&follow_ups[0..1])).await;
     recorded.insert("scheduler", seen.take());
+
+    // prospects-erase (last: it removes prospects the others use): by id a prospect without an
+    // external_id, by external_id one with both pointers, the first again (erased already) and
+    // an unknown id, with a key not used before (so its last use is written, as is its bucket).
+    let plain = backend.repo.find(account.id, &crate::helpers::by_email("s1@example.com")).await.unwrap().expect("a prospect");
+    assert!(plain.external_id.is_none(), "the prospect erased by id has no external_id");
+    let (_, eraser) = admin::create_key(backend.admin.as_ref(), account.id, None, &SystemClock).await.unwrap();
+    let eraser = eraser.expose().to_owned();
+    seen.take();
+    let base = serve(&backend, Routes::Erase).await;
+    for (path, expected) in [
+        (format!("/api/v1/prospects/{}", plain.id), 200),
+        ("/api/v1/prospects/external/crm-2".to_owned(), 200),
+        (format!("/api/v1/prospects/{}", plain.id), 404),
+        (format!("/api/v1/prospects/{}", uuid::Uuid::new_v4()), 404),
+    ] {
+        let status = http.delete(format!("{base}{path}")).header(KEY_HEADER, &eraser).send().await.expect("request reaches the app").status();
+        assert_eq!(status.as_u16(), expected, "DELETE {path}");
+    }
+    recorded.insert("prospects-erase", seen.take());
+    for erased in [plain.id, prospect.id] {
+        assert_eq!(backend.repo.find(account.id, &ProspectRef::Id(erased)).await.unwrap(), None, "{erased} is erased");
+    }
 
     let logical_ids: BTreeMap<String, String> = template_functions().into_iter().map(|(id, binary)| (binary, id)).collect();
     for row in FUNCTIONS {

@@ -1,11 +1,12 @@
 //! The Lambda functions as AWS runs them: each built function binary started by
 //! `cadenhq invoke`, which plays the Lambda Runtime API, with the environment `template.yaml`
 //! gives it (values pointing at a fresh table, queue and secret in the emulator), fed every
-//! event in `events/` that belongs to it in one warm process (the GET by id with the id of the
-//! prospect the POST event created in place of its placeholder). Also: a handler error is a Runtime
-//! API error report and not a crash, a function missing a variable its template sets fails at
-//! init naming it, and the variables each function's code reads are exactly the ones its
-//! template sets. The binaries are built beside `cadenhq` (`scripts/test` builds them first).
+//! event in `events/` that belongs to it in one warm process (the GET and DELETE by id with the
+//! id of the prospect the POST event created in place of its placeholder; the DELETE events last,
+//! as they erase it). Also: a handler error is a Runtime API error report and not a crash, a
+//! function missing a variable its template sets fails at init naming it, and the variables
+//! each function's code reads are exactly the ones its template sets. The binaries are built
+//! beside `cadenhq` (`scripts/test` builds them first).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,10 @@ use shared::config::{
 };
 use shared::domain::{AccountId, ApiKey, ApiKeyRecord, CampaignDefinition, Prospect, SystemClock};
 
-use crate::events::{assert_read_body, created_prospect, is_read, with_created_prospect, CREATED_PROSPECT_ID, EXPECTED, SQS_EVENTS};
+use crate::events::{
+    assert_erase_body, assert_erased, assert_read_body, created_prospect, is_erase, is_read, with_created_prospect, CREATED_PROSPECT_ID,
+    EXPECTED, SQS_EVENTS,
+};
 use crate::helpers::{create_queues, create_table, emulator_sdk_config, CAMPAIGN_FILE};
 
 /// How each `shared::config` reader called in a function's `main.rs` maps to the variables it reads.
@@ -101,6 +105,7 @@ fn owner(event: &Value) -> &'static str {
         Some(("POST", "/api/v1/prospects")) => "prospects-post",
         Some(("PATCH", path)) if path.starts_with("/api/v1/prospects/") => "prospects-patch",
         Some(("GET", path)) if path.starts_with("/api/v1/prospects") => "prospects-read",
+        Some(("DELETE", path)) if path.starts_with("/api/v1/prospects/") => "prospects-erase",
         Some((_, path)) if path.starts_with("/unsubscribe/") => "unsubscribe",
         _ => panic!("no function owns {event}"),
     }
@@ -177,8 +182,9 @@ fn summary(lines: &[Value]) -> &Value {
     last
 }
 
-/// Checks one HTTP answer: the status events.rs documents and the body's shape; for a GET event,
-/// the body events.rs checks against `read`, the prospect the GET events read.
+/// Checks one HTTP answer: the status events.rs documents and the body's shape; for a GET or
+/// DELETE event, the body events.rs checks against `read`, the prospect the GET events read and
+/// the DELETE events erase.
 fn assert_http_answer(name: &str, expected: u16, payload: &Value, read: Option<&Prospect>) {
     assert_eq!(payload["statusCode"], expected, "{name}: {payload}");
     let content_type = payload["headers"]["content-type"].as_str().unwrap_or_default();
@@ -190,6 +196,9 @@ fn assert_http_answer(name: &str, expected: u16, payload: &Value, read: Option<&
     let body: Value = serde_json::from_str(payload["body"].as_str().unwrap_or_default()).unwrap_or_else(|e| panic!("{name}: {e}"));
     if is_read(name) {
         return assert_read_body(name, expected, &body, read.unwrap_or_else(|| panic!("{name}: the prospect it reads")));
+    }
+    if is_erase(name) {
+        return assert_erase_body(name, expected, &body, read.unwrap_or_else(|| panic!("{name}: the prospect it erases")));
     }
     match expected {
         200 | 201 => assert_eq!(body["accepted"], true, "{name}: {body}"),
@@ -216,8 +225,10 @@ fn events_of(binary: &str) -> Vec<(&'static str, Expected)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_function_binary_answers_its_events_as_documented_from_one_warm_process() {
     let (values, backend, account) = emulated_environment().await;
-    // POST, then PATCH, then GET: the events run in the order events.rs gives, against one table.
-    for binary in ["prospects-post", "prospects-patch", "prospects-read", "unsubscribe", "scheduler"] {
+    // POST, then PATCH, then GET, then DELETE (which erases the prospect the others change and
+    // read): the events run in the order events.rs gives, against one table.
+    let mut erased = None;
+    for binary in ["prospects-post", "prospects-patch", "prospects-read", "prospects-erase", "unsubscribe", "scheduler"] {
         let expected = events_of(binary);
         assert!(!expected.is_empty(), "{binary} has events");
         let function = template_function(binary);
@@ -226,9 +237,13 @@ async fn every_function_binary_answers_its_events_as_documented_from_one_warm_pr
             .iter()
             .map(|v| (v.as_str(), values.get(v.as_str()).unwrap_or_else(|| panic!("no test value for {v}")).as_str()))
             .collect();
-        // The GET events read the prospect the POST event created, as the PATCH events left it;
-        // the one by id gets its id in a copy of the event.
-        let read = if binary == "prospects-read" { Some(created_prospect(backend.repo.as_ref(), account).await) } else { None };
+        // The GET events read (and the DELETE events erase) the prospect the POST event created,
+        // as the PATCH events left it; the ones by id get its id in a copy of the event.
+        let read = if matches!(binary, "prospects-read" | "prospects-erase") {
+            Some(created_prospect(backend.repo.as_ref(), account).await)
+        } else {
+            None
+        };
         let copies = tempfile::tempdir().unwrap();
         let events: Vec<PathBuf> = expected
             .iter()
@@ -268,7 +283,11 @@ async fn every_function_binary_answers_its_events_as_documented_from_one_warm_pr
         assert_eq!(summary["polls"], expected.len() + 1, "{binary}: one init, then a poll after every answer");
         assert!(summary["init_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{summary}");
         assert!(summary["peak_rss_kb"].as_u64().is_some_and(|kb| kb > 0), "{summary}");
+        if binary == "prospects-erase" {
+            erased = read;
+        }
     }
+    assert_erased(backend.repo.as_ref(), account, &erased.expect("the DELETE events ran")).await;
 
     let sdk = emulator_sdk_config().await;
     let queued = aws_sdk_sqs::Client::new(&sdk)

@@ -3,13 +3,14 @@
 //! | item | `pk` | holds |
 //! |---|---|---|
 //! | prospect | `PROSPECT#{account}#{sha256(normalized email)}` | top-level status/version attributes + JSON `doc` |
-//! | id pointer | `PID#{account}#{prospect_id}` | `target`: the prospect's `pk` |
-//! | external_id pointer | `EXT#{account}#{external_id}` | `target`: the prospect's `pk` |
+//! | id pointer | `PID#{account}#{prospect_id}` | `target`: the prospect's `pk`; `external_id`, `links` |
+//! | external_id pointer | `EXT#{account}#{external_id}` | `target`: the prospect's `pk`; `id`, `links` |
 //! | account | `ACCOUNT#{id}` | JSON `doc` |
 //! | key | `KEY#{sha256(key)}` | JSON `doc`; `gsi1pk` = `ACCOUNT#{id}#KEYS` |
 //! | key id pointer | `KEYID#{key_id}` | `hash` |
 //! | campaign | `CAMPAIGN#{id}` | JSON `doc`; `sv` (sending version); `gsi1pk` = `ACCOUNT#{id}#CAMPAIGNS` |
 //! | (prospect listing) | | `gsi2pk` = `PROSPECTS#{account}#{shard}`, `gsi2sk` = `{created ms, 15 digits}#{id}` on the prospect item |
+//! | suppression of an erased address | `SUPPRESS#{account}#{sha256(normalized email)}` | `reason` (`erased`), `at` |
 //! | send record | `SEND#{enrollment_id}#{step}` | `state`, `owner`, `detail`, `attempts`, `retry_at`, `claimed_at`, `updated_at`; `expires_at` (TTL) |
 //! | idempotency record | `IDEM#{account}#{sha256(key)}` | `fingerprint`, `status`, `body`, `lease_until`; `expires_at` (TTL) |
 //! | rate-limit bucket | `RATE#{key_id}` | `tat` (GCRA, Unix nanoseconds); `expires_at` (TTL) |
