@@ -103,6 +103,10 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (account_id, key_hash));
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, queued_at TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS prospect_campaigns (
+    account_id TEXT NOT NULL, campaign_id TEXT NOT NULL, created_ms INTEGER NOT NULL, prospect_id TEXT NOT NULL,
+    PRIMARY KEY (account_id, campaign_id, created_ms, prospect_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS prospect_campaigns_prospect ON prospect_campaigns(prospect_id);
 CREATE TABLE IF NOT EXISTS suppressions (
     account_id TEXT NOT NULL, email_hash TEXT NOT NULL, reason TEXT NOT NULL, at TEXT NOT NULL,
     PRIMARY KEY (account_id, email_hash));
@@ -133,6 +137,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("sends", "subject", "TEXT"),
     ("prospects", "history", "TEXT"),
     ("prospects", "created_ms", "INTEGER"),
+    ("prospects", "updated_ms", "INTEGER"),
 ];
 
 /// Indexes on columns of [`ADDED_COLUMNS`], created once those exist.
@@ -141,6 +146,7 @@ CREATE INDEX IF NOT EXISTS sends_campaign ON sends(campaign_id, step, state);
 CREATE INDEX IF NOT EXISTS sends_prospect ON sends(prospect_id);
 CREATE INDEX IF NOT EXISTS prospects_listing ON prospects(account_id, created_ms DESC, id DESC);
 CREATE INDEX IF NOT EXISTS prospects_status_listing ON prospects(account_id, status, created_ms DESC, id DESC);
+CREATE INDEX IF NOT EXISTS prospects_updated ON prospects(account_id, updated_ms);
 ";
 
 /// Adds the columns of [`ADDED_COLUMNS`] that a table lacks.

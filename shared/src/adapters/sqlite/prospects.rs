@@ -19,6 +19,13 @@ macro_rules! prospect_columns {
     };
 }
 
+/// [`prospect_columns`], of the table named `p`.
+macro_rules! qualified_prospect_columns {
+    () => {
+        "p.id, p.account_id, p.email_hash, p.external_id, p.status, p.ended_through, p.version, p.updated_at, p.doc, p.history"
+    };
+}
+
 /// The query finding one prospect of an account by `$column`.
 macro_rules! select_prospect_by {
     ($column:literal) => {
@@ -104,20 +111,38 @@ fn into_prospect(conn: &Connection, mut record: ProspectRecord, history: Option<
     record.into_prospect()
 }
 
-/// Gives rows of earlier versions their listing position (their creation time, from the
-/// document), so the listing index holds every prospect.
+/// Gives rows of earlier versions what the listing's indexes read: their creation and update
+/// times in milliseconds, and a row per campaign they were enrolled in.
 pub(super) fn fill_listing_positions(conn: &Connection) -> Result<(), StoreError> {
-    let mut statement = conn.prepare("SELECT id, doc FROM prospects WHERE created_ms IS NULL").map_err(db_error)?;
-    let rows: Vec<(String, String)> = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db_error)?.collect::<Result<_, _>>().map_err(db_error)?;
-    for (id, doc) in rows {
+    let mut statement = conn.prepare("SELECT id, account_id, doc, updated_at FROM prospects WHERE created_ms IS NULL OR updated_ms IS NULL").map_err(db_error)?;
+    let rows: Vec<(String, String, String, String)> =
+        statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).map_err(db_error)?.collect::<Result<_, _>>().map_err(db_error)?;
+    for (id, account, doc, updated_at) in rows {
         #[derive(serde::Deserialize)]
-        struct Created {
+        struct Listed {
             #[serde(with = "time::serde::rfc3339")]
             created_at: OffsetDateTime,
+            #[serde(default)]
+            enrollments: Vec<crate::domain::Enrollment>,
         }
-        let created: Created = from_json(&doc, "document")?;
-        execute(conn, "UPDATE prospects SET created_ms = ?2 WHERE id = ?1", params![id, millis(created.created_at)]).map_err(db_error)?;
+        let listed: Listed = from_json(&doc, "document")?;
+        let (created_ms, updated_ms) = (millis(listed.created_at), millis(parse_rfc3339(&updated_at)?));
+        execute(conn, "UPDATE prospects SET created_ms = ?2, updated_ms = ?3 WHERE id = ?1", params![id, created_ms, updated_ms]).map_err(db_error)?;
+        for enrollment in &listed.enrollments {
+            add_campaign_row(conn, &account, enrollment.campaign_id, created_ms, &id)?;
+        }
     }
+    Ok(())
+}
+
+/// Records that the prospect was enrolled in `campaign` (the listing's campaign filter reads it).
+fn add_campaign_row(conn: &Connection, account: &str, campaign: CampaignId, created_ms: i64, prospect: &str) -> Result<(), StoreError> {
+    execute(
+        conn,
+        "INSERT OR IGNORE INTO prospect_campaigns (account_id, campaign_id, created_ms, prospect_id) VALUES (?1, ?2, ?3, ?4)",
+        params![account, campaign.to_string(), created_ms, prospect],
+    )
+    .map_err(db_error)?;
     Ok(())
 }
 
@@ -167,14 +192,18 @@ impl ProspectRepository for SqliteStore {
 
     async fn insert(&self, prospect: Prospect) -> Result<(), StoreError> {
         let r = ProspectRecord::from_prospect(&prospect, 1);
-        let (history, created_ms) = (history_json(&prospect), millis(prospect.created_at));
+        let (history, created_ms, updated_ms) = (history_json(&prospect), millis(prospect.created_at), millis(prospect.updated_at));
+        let campaigns: Vec<CampaignId> = prospect.enrollments.iter().map(|e| e.campaign_id).collect();
         self.write(move |conn| {
             execute(
                 conn,
-                concat!("INSERT INTO prospects (", prospect_columns!(), ", created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
-                params![r.id, r.account_id, r.email_hash, r.external_id, r.status, r.ended_through, r.version, r.updated_at, r.doc, history, created_ms],
+                concat!("INSERT INTO prospects (", prospect_columns!(), ", created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                params![r.id, r.account_id, r.email_hash, r.external_id, r.status, r.ended_through, r.version, r.updated_at, r.doc, history, created_ms, updated_ms],
             )
             .map_err(write_error)?;
+            for campaign in &campaigns {
+                add_campaign_row(conn, &r.account_id, *campaign, created_ms, &r.id)?;
+            }
             Ok(())
         })
         .await
@@ -183,16 +212,22 @@ impl ProspectRepository for SqliteStore {
     async fn update(&self, previous: Replacing, updated: Prospect) -> Result<(), StoreError> {
         let r = ProspectRecord::from_prospect(&updated, previous.version + 1);
         let expected = i64::try_from(previous.version).unwrap_or(i64::MAX);
+        let (created_ms, updated_ms) = (millis(updated.created_at), millis(updated.updated_at));
+        let campaigns: Vec<CampaignId> = updated.enrollments.iter().map(|e| e.campaign_id).collect();
         self.write(move |conn| {
             let n = execute(
                 conn,
                 "UPDATE prospects SET external_id = ?2, status = ?3, ended_through = ?4, version = ?5,
-                 updated_at = ?6, doc = ?7 WHERE id = ?1 AND version = ?8",
-                params![r.id, r.external_id, r.status, r.ended_through, r.version, r.updated_at, r.doc, expected],
+                 updated_at = ?6, doc = ?7, updated_ms = ?9 WHERE id = ?1 AND version = ?8",
+                params![r.id, r.external_id, r.status, r.ended_through, r.version, r.updated_at, r.doc, expected, updated_ms],
             )
             .map_err(write_error)?;
             if n == 0 {
                 return Err(StoreError::Conflict(Conflict::Version));
+            }
+            // Enrollments only ever grow: the rows of the ones before are there already.
+            for campaign in &campaigns {
+                add_campaign_row(conn, &r.account_id, *campaign, created_ms, &r.id)?;
             }
             Ok(())
         })
@@ -216,8 +251,8 @@ impl ProspectRepository for SqliteStore {
             p.version += 1;
             execute(
                 conn,
-                "UPDATE prospects SET status = ?2, ended_through = ?3, version = version + 1, updated_at = ?4, history = ?5 WHERE id = ?1",
-                params![p.id.to_string(), p.status.as_str(), p.ended_through, rfc3339(now), history_json(&p)],
+                "UPDATE prospects SET status = ?2, ended_through = ?3, version = version + 1, updated_at = ?4, history = ?5, updated_ms = ?6 WHERE id = ?1",
+                params![p.id.to_string(), p.status.as_str(), p.ended_through, rfc3339(now), history_json(&p), millis(now)],
             )
             .map_err(db_error)?;
             Ok(Some(p))
@@ -248,6 +283,7 @@ impl ProspectRepository for SqliteStore {
                 )
                 .map_err(db_error)?;
                 execute(conn, "DELETE FROM sends WHERE prospect_id = ?1", [&id]).map_err(db_error)?;
+                execute(conn, "DELETE FROM prospect_campaigns WHERE prospect_id = ?1", [&id]).map_err(db_error)?;
                 execute(conn, "DELETE FROM prospects WHERE id = ?1", [&id]).map_err(db_error)?;
                 execute(
                     conn,
@@ -265,38 +301,44 @@ impl ProspectRepository for SqliteStore {
         Ok(erased)
     }
 
-    /// One query on `prospects_listing` (or `prospects_status_listing` with a status): the
-    /// position and creation filters are its range; the campaign and update filters are
-    /// checked on the rows it walks.
+    /// One query, on the index that serves its filters: `prospect_campaigns` for a campaign,
+    /// `prospects_status_listing` for a status, `prospects_listing` otherwise (the position and
+    /// creation filters are ranges of each); `prospects_updated` serves an update filter
+    /// where the planner finds it narrower.
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
-        let before = query.before.map_or((i64::MAX, String::new()), |p| (p.created_ms, p.id.to_string()));
-        let created_after = query.created_after.map_or(i64::MIN, millis);
+        let (before_ms, before_id) = query.before.map_or((i64::MAX, String::new()), |p| (p.created_ms, p.id.to_string()));
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> =
+            vec![Box::new(query.account.to_string()), Box::new(before_ms), Box::new(before_id), Box::new(query.created_after.map_or(i64::MIN, millis))];
+        let (from, on) = match query.campaign {
+            Some(campaign) => {
+                args.push(Box::new(campaign.to_string()));
+                ("prospect_campaigns c JOIN prospects p ON p.id = c.prospect_id", "c")
+            }
+            None => ("prospects p", "p"),
+        };
+        let id = if on == "c" { "c.prospect_id" } else { "p.id" };
+        let mut sql = format!(
+            concat!("SELECT ", qualified_prospect_columns!(), " FROM {from} WHERE {on}.account_id = ?1 AND ({on}.created_ms < ?2 OR ({on}.created_ms = ?2 AND (?3 = '' OR {id} < ?3))) AND {on}.created_ms > ?4"),
+            from = from,
+            on = on,
+            id = id
+        );
+        if query.campaign.is_some() {
+            sql.push_str(" AND c.campaign_id = ?5");
+        }
+        if let Some(status) = query.status {
+            args.push(Box::new(status.as_str()));
+            sql.push_str(&format!(" AND p.status = ?{}", args.len()));
+        }
+        if let Some(updated_after) = query.updated_after {
+            args.push(Box::new(millis(updated_after)));
+            sql.push_str(&format!(" AND p.updated_ms >= ?{}", args.len()));
+        }
+        args.push(Box::new(query.limit + 1));
+        sql.push_str(&format!(" ORDER BY {on}.created_ms DESC, {id} DESC LIMIT ?{}", args.len()));
         self.read(|conn| {
-            let mut statement = conn
-                .prepare_cached(concat!(
-                    "SELECT ", prospect_columns!(), " FROM prospects
-                     WHERE account_id = ?1 AND (created_ms < ?2 OR (created_ms = ?2 AND (?3 = '' OR id < ?3))) AND created_ms > ?4
-                       AND (?5 IS NULL OR status = ?5)
-                       AND (?6 IS NULL OR EXISTS (SELECT 1 FROM json_each(doc, '$.enrollments') WHERE json_extract(value, '$.campaign_id') = ?6))
-                       AND (?7 IS NULL OR julianday(updated_at) > julianday(?7))
-                     ORDER BY created_ms DESC, id DESC LIMIT ?8"
-                ))
-                .map_err(db_error)?;
-            let rows = statement
-                .query_map(
-                    params![
-                        query.account.to_string(),
-                        before.0,
-                        before.1,
-                        created_after,
-                        query.status.map(ProspectStatus::as_str),
-                        query.campaign.map(|c| c.to_string()),
-                        query.updated_after.map(rfc3339),
-                        query.limit + 1
-                    ],
-                    read_prospect,
-                )
-                .map_err(db_error)?;
+            let mut statement = conn.prepare_cached(&sql).map_err(db_error)?;
+            let rows = statement.query_map(rusqlite::params_from_iter(args.iter().map(AsRef::as_ref)), read_prospect).map_err(db_error)?;
             let mut prospects = Vec::new();
             for row in rows {
                 let (record, history) = row.map_err(db_error)?;
