@@ -17,6 +17,9 @@ use crate::ports::{
     CampaignReader, Conflict, IdempotencyStore, JobQueue, ListPage, KeyStore, ProspectRef, ProspectRepository, RateLimiter, Replacing, StoreError,
 };
 
+/// Campaigns read for a prospect's enrollments are kept at least this long (on the embedded
+/// store too, where keys are not kept): a pause shows in a read within a second.
+const CAMPAIGN_CACHE_MIN: StdDuration = StdDuration::from_secs(1);
 /// How many times an upsert re-reads after losing a race before giving up with 503.
 const UPSERT_ATTEMPTS: usize = 5;
 /// Longest header value even looked up as a key.
@@ -88,7 +91,7 @@ pub struct ServicePorts {
     /// How long a looked-up key is trusted before it is read again: zero on the embedded
     /// store (a revocation applies at once), under a minute on Lambda (a revocation applies
     /// within that time, and a warm instance reads each key at most once per period).
-    /// Campaigns read for a prospect's enrollments are kept as long.
+    /// Campaigns read for a prospect's enrollments are kept as long (at least a second).
     pub key_cache_ttl: StdDuration,
 }
 
@@ -218,18 +221,14 @@ impl ProspectService {
 
     /// A campaign, through the campaign cache.
     async fn campaign(&self, id: CampaignId) -> Result<Option<Arc<Campaign>>, ServiceError> {
-        let (ttl, now) = (self.ports.key_cache_ttl, self.ports.clock.now());
-        if !ttl.is_zero() {
-            let fresh = |(_, at): &&(Option<Arc<Campaign>>, OffsetDateTime)| (now - *at).unsigned_abs() < ttl;
-            if let Some((campaign, _)) = self.campaign_cache.lock().ok().and_then(|c| c.get(&id).filter(fresh).cloned()) {
-                return Ok(campaign);
-            }
+        let (ttl, now) = (self.ports.key_cache_ttl.max(CAMPAIGN_CACHE_MIN), self.ports.clock.now());
+        let fresh = |(_, at): &&(Option<Arc<Campaign>>, OffsetDateTime)| (now - *at).unsigned_abs() < ttl;
+        if let Some((campaign, _)) = self.campaign_cache.lock().ok().and_then(|c| c.get(&id).filter(fresh).cloned()) {
+            return Ok(campaign);
         }
         let campaign = self.ports.campaigns.get_campaign(id).await?.map(Arc::new);
-        if !ttl.is_zero() {
-            if let Ok(mut cache) = self.campaign_cache.lock() {
-                cache.insert(id, (campaign.clone(), now));
-            }
+        if let Ok(mut cache) = self.campaign_cache.lock() {
+            cache.insert(id, (campaign.clone(), now));
         }
         Ok(campaign)
     }
