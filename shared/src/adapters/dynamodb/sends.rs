@@ -191,16 +191,25 @@ impl SendLog for DynamoStore {
                 .build(),
         )?;
         let items = vec![TransactWriteItem::builder().update(record.clone()).build(), TransactWriteItem::builder().update(on_prospect).build()];
-        let Err(e) = self.client.transact_write_items().set_transact_items(Some(items)).send().await else { return Ok(true) };
-        let failed = |i: usize| match &e {
+        let reason = |e: &SdkError<TransactWriteItemsError, _>, i: usize| match e {
             SdkError::ServiceError(se) => match se.err() {
-                TransactWriteItemsError::TransactionCanceledException(tc) => {
-                    tc.cancellation_reasons().get(i).and_then(|r| r.code()) == Some("ConditionalCheckFailed")
-                }
-                _ => false,
+                TransactWriteItemsError::TransactionCanceledException(tc) => tc.cancellation_reasons().get(i).and_then(|r| r.code()).map(str::to_owned),
+                _ => None,
             },
-            _ => false,
+            _ => None,
         };
+        // A write of the prospect item at the same moment (an upsert) cancels the transaction
+        // with a conflict, not a failed condition: the outcome is known, so it is written again.
+        let mut attempt = 0;
+        let e = loop {
+            let Err(e) = self.client.transact_write_items().set_transact_items(Some(items.clone())).send().await else { return Ok(true) };
+            let conflict = (0..2).any(|i| reason(&e, i).as_deref() == Some("TransactionConflict"));
+            attempt += 1;
+            if !conflict || attempt == 3 {
+                break e;
+            }
+        };
+        let failed = |i: usize| reason(&e, i).as_deref() == Some("ConditionalCheckFailed");
         if failed(0) {
             return Ok(false);
         }
