@@ -95,14 +95,20 @@ fn prospect_from_item(item: &Item) -> Result<Prospect, StoreError> {
     .into_prospect()
 }
 
-/// The Put of a pointer to the prospect item `target`, with what its sibling pointer is keyed by
+/// A pointer to the prospect item `target`, with what its sibling pointer is keyed by
 /// (`sibling`: the id pointer names the external_id, if any; the external_id pointer the id),
 /// so an erasure finds every item of the prospect from the one pointer it reads.
-fn pointer_put(table: &str, pk: String, target: &str, sibling: (&str, Option<&str>)) -> Result<TransactWriteItem, StoreError> {
+fn pointer_item(pk: String, target: &str, sibling: (&str, Option<&str>)) -> Item {
     let mut item = HashMap::from([("pk".to_owned(), s(pk)), ("target".to_owned(), s(target)), ("links".to_owned(), AttributeValue::Bool(true))]);
     if let (name, Some(value)) = sibling {
         item.insert(name.to_owned(), s(value));
     }
+    item
+}
+
+/// The Put of a new pointer (see [`pointer_item`]), conditional on there being none.
+fn pointer_put(table: &str, pk: String, target: &str, sibling: (&str, Option<&str>)) -> Result<TransactWriteItem, StoreError> {
+    let item = pointer_item(pk, target, sibling);
     let put = Put::builder()
         .table_name(table)
         .set_item(Some(item))
@@ -228,10 +234,7 @@ impl ProspectRepository for DynamoStore {
         // The id pointer names the new external_id (the prospect item's condition covers it).
         let id_pointer = Put::builder()
             .table_name(&self.table)
-            .set_item(Some(match pointer_put(&self.table, id_pointer_pk(&r.account_id, &r.id), &pk, ("external_id", r.external_id.as_deref()))?.put {
-                Some(put) => put.item,
-                None => HashMap::new(),
-            }))
+            .set_item(Some(pointer_item(id_pointer_pk(&r.account_id, &r.id), &pk, ("external_id", r.external_id.as_deref()))))
             .build()
             .map_err(StoreError::other)?;
         items.push(TransactWriteItem::builder().put(id_pointer).build());
