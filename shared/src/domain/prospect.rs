@@ -282,6 +282,11 @@ impl TextFields {
         TEXT_FIELDS.into_iter().zip(&self.0).filter_map(|(name, value)| Some((name, value.as_deref()?)))
     }
 
+    /// Every field in [`TEXT_FIELDS`] order, with its value if it is set.
+    pub fn each(&self) -> impl Iterator<Item = (&'static str, Option<&str>)> {
+        TEXT_FIELDS.into_iter().enumerate().map(|(i, name)| (name, self.at(i)))
+    }
+
     fn at(&self, i: usize) -> Option<&str> {
         self.0.get(i).and_then(Option::as_deref)
     }

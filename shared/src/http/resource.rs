@@ -1,11 +1,12 @@
 //! The prospect resource: the one representation every read of a prospect returns (GET, the
 //! CLI's `prospects show`), converted from the domain at the edge.
 
-use serde::Serialize;
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use crate::domain::{EnrollmentView, StatusReason, TEXT_FIELDS};
+use crate::domain::{EnrollmentView, StatusReason, TextFields, TEXT_FIELDS};
 use crate::service::ProspectView;
 
 /// RFC 3339 in UTC, as every time in the API is written.
@@ -23,12 +24,27 @@ pub struct ProspectResource<'a> {
     pub status_reason: &'static str,
     /// Every text field, `null` when unset.
     #[serde(flatten)]
-    pub fields: Map<String, Value>,
+    pub fields: EveryTextField<'a>,
     pub external_id: Option<&'a str>,
     pub metadata: &'a Map<String, Value>,
     pub created_at: String,
     pub updated_at: String,
     pub enrollments: Vec<EnrollmentResource>,
+}
+
+/// Every one of [`TEXT_FIELDS`] with its value, `null` when unset, written from the prospect's
+/// own fields (nothing copied).
+#[derive(Debug)]
+pub struct EveryTextField<'a>(pub &'a TextFields);
+
+impl Serialize for EveryTextField<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(TEXT_FIELDS.len()))?;
+        for (name, value) in self.0.each() {
+            map.serialize_entry(name, &value)?;
+        }
+        map.end()
+    }
 }
 
 /// One enrollment of a prospect as the API returns it; steps are numbered from 1.
@@ -65,7 +81,6 @@ impl<'a> From<&'a ProspectView> for ProspectResource<'a> {
     fn from(view: &'a ProspectView) -> Self {
         let p = &view.prospect;
         let last = p.history.last();
-        let fields = TEXT_FIELDS.iter().map(|name| ((*name).to_owned(), p.fields.get(name).map_or(Value::Null, |v| Value::String(v.to_owned())))).collect();
         Self {
             id: p.id.to_string(),
             email: p.email.original(),
@@ -73,7 +88,7 @@ impl<'a> From<&'a ProspectView> for ProspectResource<'a> {
             // Never changed: the status is the one it was created with.
             status_changed_at: utc(last.map_or(p.created_at, |c| c.at)),
             status_reason: last.map_or(StatusReason::Api, |c| c.reason).as_str(),
-            fields,
+            fields: EveryTextField(&p.fields),
             external_id: p.external_id.as_ref().map(|e| e.as_str()),
             metadata: &p.metadata,
             created_at: utc(p.created_at),

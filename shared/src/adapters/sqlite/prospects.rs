@@ -26,14 +26,31 @@ macro_rules! qualified_prospect_columns {
     };
 }
 
-/// The query finding one prospect of an account by `$column`.
-macro_rules! select_prospect_by {
-    ($column:literal) => {
-        concat!("SELECT ", prospect_columns!(), " FROM prospects WHERE account_id = ?1 AND ", $column, " = ?2")
+/// Each step's recorded outcome for the prospect row of `$table`, from the send log: one JSON
+/// array column after the others, so a prospect and its outcomes are one statement (one
+/// snapshot) and [`read_progress`] parses it.
+macro_rules! progress_column {
+    ($table:literal) => {
+        concat!(
+            "(SELECT json_group_array(json_array(enrollment_id, step, state, coalesce(updated_at, claimed_at), retry_at, detail, subject)) FROM sends WHERE prospect_id = ",
+            $table,
+            ".id AND state <> 'claimed')"
+        )
     };
 }
 
-fn read_prospect(row: &rusqlite::Row<'_>) -> rusqlite::Result<(ProspectRecord, Option<String>)> {
+/// The query finding one prospect of an account by `$column`.
+macro_rules! select_prospect_by {
+    ($column:literal) => {
+        concat!("SELECT ", prospect_columns!(), ", ", progress_column!("prospects"), " FROM prospects WHERE account_id = ?1 AND ", $column, " = ?2")
+    };
+}
+
+/// A prospect's row as [`read_prospect`] reads it: the record, its stored status history and
+/// its steps' outcomes (JSON).
+type ProspectRow = (ProspectRecord, Option<String>, String);
+
+fn read_prospect(row: &rusqlite::Row<'_>) -> rusqlite::Result<ProspectRow> {
     let record = ProspectRecord {
         id: row.get(0)?,
         account_id: row.get(1)?,
@@ -47,7 +64,7 @@ fn read_prospect(row: &rusqlite::Row<'_>) -> rusqlite::Result<(ProspectRecord, O
         history: Vec::new(),
         progress: Vec::new(),
     };
-    Ok((record, row.get(9)?))
+    Ok((record, row.get(9)?, row.get(10)?))
 }
 
 /// The JSON a prospect's status history is stored as.
@@ -55,35 +72,25 @@ fn history_json(p: &Prospect) -> String {
     to_json(&p.history.iter().map(StatusChange::stored).collect::<Vec<_>>())
 }
 
-/// Each step's recorded outcome for the prospect, from the send log.
-fn read_progress(conn: &Connection, prospect_id: &str) -> Result<Vec<StepProgress>, StoreError> {
-    let mut statement = conn
-        .prepare_cached(
-            "SELECT enrollment_id, step, state, updated_at, claimed_at, retry_at, detail, subject FROM sends
-             WHERE prospect_id = ?1 AND state <> 'claimed'",
-        )
-        .map_err(db_error)?;
-    let rows = statement
-        .query_map([prospect_id], |r| {
-            let texts = (r.get::<_, Option<String>>(3)?, r.get::<_, String>(4)?, r.get::<_, Option<String>>(5)?, r.get::<_, Option<String>>(6)?, r.get::<_, Option<String>>(7)?);
-            Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?, texts))
+/// The steps' outcomes of a [`progress_column`]: (enrollment, step, state, time, retry time,
+/// provider detail, subject) each.
+fn read_progress(json: &str) -> Result<Vec<StepProgress>, StoreError> {
+    type StoredStep = (String, u32, String, String, Option<String>, Option<String>, Option<String>);
+    let steps: Vec<StoredStep> = from_json(json, "send log")?;
+    steps
+        .into_iter()
+        .map(|(enrollment, step, state, at, retry_at, detail, subject)| {
+            Ok(StepProgress {
+                enrollment: EnrollmentId::parse(&enrollment).map_err(|_| StoreError::other("stored send record has an invalid enrollment id"))?,
+                step,
+                at: parse_rfc3339(&at)?,
+                retry_at: retry_at.as_deref().map(parse_rfc3339).transpose()?,
+                message_id: detail.filter(|_| state == "sent"),
+                state,
+                subject,
+            })
         })
-        .map_err(db_error)?;
-    let mut progress = Vec::new();
-    for row in rows {
-        let (enrollment, step, state, (updated_at, claimed_at, retry_at, detail, subject)) = row.map_err(db_error)?;
-        let message_id = detail.filter(|_| state == "sent");
-        progress.push(StepProgress {
-            enrollment: EnrollmentId::parse(&enrollment).map_err(|_| StoreError::other("stored send record has an invalid enrollment id"))?,
-            step,
-            state,
-            at: parse_rfc3339(updated_at.as_deref().unwrap_or(&claimed_at))?,
-            retry_at: retry_at.as_deref().map(parse_rfc3339).transpose()?,
-            message_id,
-            subject,
-        });
-    }
-    Ok(progress)
+        .collect()
 }
 
 fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
@@ -97,17 +104,16 @@ fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Res
 
 /// The account's prospect that `sql` (a `select_prospect_by!`) finds by `value`.
 fn find_prospect_where(conn: &Connection, sql: &str, account: AccountId, value: &str) -> Result<Option<Prospect>, StoreError> {
-    let Some((record, history)) = query_row(conn, sql, params![account.to_string(), value], read_prospect).optional().map_err(db_error)?
-    else {
+    let Some(row) = query_row(conn, sql, params![account.to_string(), value], read_prospect).optional().map_err(db_error)? else {
         return Ok(None);
     };
-    into_prospect(conn, record, history.as_deref()).map(Some)
+    into_prospect(row).map(Some)
 }
 
 /// A prospect from its row, its stored history and its steps' outcomes in the send log.
-fn into_prospect(conn: &Connection, mut record: ProspectRecord, history: Option<&str>) -> Result<Prospect, StoreError> {
-    record.history = history.map(|h| from_json(h, "status history")).transpose()?.unwrap_or_default();
-    record.progress = read_progress(conn, &record.id)?;
+fn into_prospect((mut record, history, progress): ProspectRow) -> Result<Prospect, StoreError> {
+    record.history = history.map(|h| from_json(&h, "status history")).transpose()?.unwrap_or_default();
+    record.progress = read_progress(&progress)?;
     record.into_prospect()
 }
 
@@ -318,7 +324,7 @@ impl ProspectRepository for SqliteStore {
         };
         let id = if on == "c" { "c.prospect_id" } else { "p.id" };
         let mut sql = format!(
-            concat!("SELECT ", qualified_prospect_columns!(), " FROM {from} WHERE {on}.account_id = ?1 AND ({on}.created_ms < ?2 OR ({on}.created_ms = ?2 AND (?3 = '' OR {id} < ?3))) AND {on}.created_ms > ?4"),
+            concat!("SELECT ", qualified_prospect_columns!(), ", ", progress_column!("p"), " FROM {from} WHERE {on}.account_id = ?1 AND ({on}.created_ms < ?2 OR ({on}.created_ms = ?2 AND (?3 = '' OR {id} < ?3))) AND {on}.created_ms > ?4"),
             from = from,
             on = on,
             id = id
@@ -341,8 +347,7 @@ impl ProspectRepository for SqliteStore {
             let rows = statement.query_map(rusqlite::params_from_iter(args.iter().map(AsRef::as_ref)), read_prospect).map_err(db_error)?;
             let mut prospects = Vec::new();
             for row in rows {
-                let (record, history) = row.map_err(db_error)?;
-                prospects.push(into_prospect(conn, record, history.as_deref())?);
+                prospects.push(into_prospect(row.map_err(db_error)?)?);
             }
             // The SQL filters are the query's own; the domain's check is the one both stores share.
             prospects.retain(|p| query.admits(p));
