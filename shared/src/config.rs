@@ -13,6 +13,9 @@ pub const BACKEND: &str = "CADENHQ_BACKEND";
 
 /// `From:` address of campaign emails, e.g. `Acme <hello@acme.example>`.
 pub const SENDER: &str = "CADENHQ_SENDER";
+/// Amazon SES configuration set campaign emails are sent through (the scheduler Lambda;
+/// `template.yaml` creates it and has it publish bounces, complaints, deliveries and rejections).
+pub const SES_CONFIGURATION_SET: &str = "CADENHQ_SES_CONFIGURATION_SET";
 /// Public base URL of the API, for unsubscribe links.
 pub const PUBLIC_URL: &str = "CADENHQ_PUBLIC_URL";
 /// ARN of the Secrets Manager secret holding the unsubscribe signing secret (Lambda).
@@ -42,18 +45,21 @@ fn required(name: &'static str) -> Result<String, ConfigError> {
 pub struct DeliveryConfig {
     pub sender: String,
     pub public_url: String,
+    /// [`SES_CONFIGURATION_SET`].
+    pub ses_configuration_set: String,
 }
 
 impl DeliveryConfig {
     /// The variables [`DeliveryConfig::from_env`] reads.
-    pub const VARS: &'static [&'static str] = &[SENDER, PUBLIC_URL];
+    pub const VARS: &'static [&'static str] = &[SENDER, PUBLIC_URL, SES_CONFIGURATION_SET];
 
     /// # Errors
-    /// [`ConfigError`] naming [`SENDER`] or [`PUBLIC_URL`] when unset, or for an invalid sender.
+    /// [`ConfigError`] naming [`SENDER`], [`PUBLIC_URL`] or [`SES_CONFIGURATION_SET`] when unset, or
+    /// for an invalid sender.
     pub fn from_env() -> Result<Self, ConfigError> {
         let sender = required(SENDER)?;
         crate::adapters::smtp::validate_sender(&sender).map_err(ConfigError::Invalid)?;
-        Ok(Self { sender, public_url: required(PUBLIC_URL)? })
+        Ok(Self { sender, public_url: required(PUBLIC_URL)?, ses_configuration_set: required(SES_CONFIGURATION_SET)? })
     }
 }
 

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::domain::{
-    Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, ClaimOwner, ExternalId, SendKey, SendRecord,
+    Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, ClaimOwner, EmailReference, ExternalId, SendKey, SendRecord,
     SendState, SendTally, StatusReason, ListQuery,
     IdempotencyBegin, IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectId, ProspectStatus,
     RateDecision, RateLimit, StoredResponse,
@@ -471,10 +471,11 @@ pub struct Delivered {
 }
 
 /// Which claimed step an email is sent for: lets a mailer that shares the send log's store
-/// record the send with the email, atomically.
+/// record the send with the email, atomically, and every mailer name the step in the email
+/// (its `Message-ID`, SES message tags) so that feedback about it finds its prospect.
 #[derive(Debug, Clone, Copy)]
 pub struct SendClaim {
-    pub key: SendKey,
+    pub reference: EmailReference,
     pub owner: ClaimOwner,
     pub now: OffsetDateTime,
 }

@@ -35,6 +35,7 @@ use time::{Duration, OffsetDateTime};
 use tracing::{info, instrument, warn};
 
 use crate::domain::{
+    EmailReference,
     Campaign, CampaignId, CampaignJob, CampaignState, ClaimOwner, Clock, Enrollment, Prospect, ProspectStatus, SendKey,
     SendRecord, SendState, StatusReason, UnsubscribeSecret,
 };
@@ -388,7 +389,8 @@ impl Scheduler {
             html_body: rendered.html_body,
             unsubscribe_url,
         };
-        match self.ports.mailer.send(&email, &SendClaim { key, owner, now }).await {
+        let reference = EmailReference { account: cx.job.account_id, prospect: cx.job.prospect_id, send: key };
+        match self.ports.mailer.send(&email, &SendClaim { reference, owner, now }).await {
             Ok(delivered) => {
                 info!("campaign email sent");
                 if !delivered.recorded && !record(SendState::Sent { message_id: delivered.message_id }, Some(&email.subject)).await? {

@@ -258,6 +258,10 @@ fn event_source_mappings(logical_id: &str) -> Vec<&'static Value> {
         .collect()
 }
 
+/// The template's configuration set, and the name [`evaluate`] gives it.
+const CONFIGURATION_SET: &str = "SendingConfigurationSet";
+const CONFIGURATION_SET_NAME: &str = "cadenhq-sending";
+
 /// The sender the SES identity scope is computed for in [`evaluate`].
 const SENDER_VALUE: &str = "Acme <hello@acme.example>";
 
@@ -434,15 +438,16 @@ fn template_iam_actions_are_exactly_what_each_function_can_call() {
                 let resources = list(&statement["Resource"]);
                 assert!(!resources.is_empty(), "{logical_id} {sid}: a resource");
                 if service == "ses" {
-                    let params = BTreeMap::from([("SenderAddress", SENDER_VALUE.to_owned())]);
+                    let params = BTreeMap::from([("SenderAddress", SENDER_VALUE.to_owned()), (CONFIGURATION_SET, CONFIGURATION_SET_NAME.to_owned())]);
                     let arns: Vec<String> = resources.iter().map(|r| evaluate(r, &params).as_str().expect("an ARN").to_owned()).collect();
                     assert_eq!(
                         arns,
                         [
                             "arn:aws:ses:us-east-1:123456789012:identity/hello@acme.example",
-                            "arn:aws:ses:us-east-1:123456789012:identity/acme.example"
+                            "arn:aws:ses:us-east-1:123456789012:identity/acme.example",
+                            "arn:aws:ses:us-east-1:123456789012:configuration-set/cadenhq-sending"
                         ],
-                        "{logical_id} {sid}: only the configured sender's identity (its address or its domain)"
+                        "{logical_id} {sid}: only the configured sender's identity (its address or its domain), through the stack's configuration set"
                     );
                 } else {
                     let named: Vec<(String, String)> =
@@ -544,12 +549,13 @@ fn the_ses_scope_follows_the_sender_with_or_without_a_display_name() {
         .find(|s| list(&s["Action"]).iter().any(|a| a.as_str().is_some_and(|a| a.starts_with("ses:"))))
         .expect("the SES statement");
     for sender in ["hello@acme.example", "Acme <hello@acme.example>", "Acme Inc. <hello@mail.acme.example>"] {
-        let params = BTreeMap::from([("SenderAddress", sender.to_owned())]);
+        let params = BTreeMap::from([("SenderAddress", sender.to_owned()), (CONFIGURATION_SET, CONFIGURATION_SET_NAME.to_owned())]);
         let arns: Vec<String> = list(&statement["Resource"]).iter().map(|r| evaluate(r, &params).as_str().unwrap().to_owned()).collect();
         let domain = sender.rsplit('@').next().unwrap().trim_end_matches('>');
         let address = format!("hello@{domain}");
-        let prefix = "arn:aws:ses:us-east-1:123456789012:identity";
-        assert_eq!(arns, [format!("{prefix}/{address}"), format!("{prefix}/{domain}")], "{sender}");
+        let prefix = "arn:aws:ses:us-east-1:123456789012";
+        let set = format!("{prefix}:configuration-set/{CONFIGURATION_SET_NAME}");
+        assert_eq!(arns, [format!("{prefix}:identity/{address}"), format!("{prefix}:identity/{domain}"), set], "{sender}");
     }
 }
 

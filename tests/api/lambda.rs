@@ -16,7 +16,7 @@ use serde_json::Value;
 use shared::admin;
 use shared::backend::Backend;
 use shared::config::{
-    DeliveryConfig, QueueConfig, TableConfig, PUBLIC_URL, QUEUE_URL, SENDER, TABLE_NAME, UNSUBSCRIBE_SECRET_ARN,
+    DeliveryConfig, QueueConfig, TableConfig, PUBLIC_URL, QUEUE_URL, SENDER, SES_CONFIGURATION_SET, TABLE_NAME, UNSUBSCRIBE_SECRET_ARN,
     UNSUBSCRIBE_SECRET_FROM_AWS_VARS,
 };
 use shared::domain::{AccountId, ApiKey, ApiKeyRecord, CampaignDefinition, Prospect, SystemClock};
@@ -129,6 +129,13 @@ async fn emulated_environment() -> (BTreeMap<&'static str, String>, Backend, Acc
         .expect("create secret")
         .arn
         .expect("secret arn");
+    let configuration_set = format!("lambda-{suffix}");
+    aws_sdk_sesv2::Client::new(&sdk)
+        .create_configuration_set()
+        .configuration_set_name(&configuration_set)
+        .send()
+        .await
+        .expect("create the configuration set");
 
     let backend = Backend::aws(&sdk, &table, Some(&queue_url));
     let account = admin::create_account(backend.admin.as_ref(), "Events", &SystemClock).await.unwrap();
@@ -144,6 +151,7 @@ async fn emulated_environment() -> (BTreeMap<&'static str, String>, Backend, Acc
         (SENDER, SENDER_VALUE.to_owned()),
         (PUBLIC_URL, PUBLIC_URL_VALUE.to_owned()),
         (UNSUBSCRIBE_SECRET_ARN, secret_arn),
+        (SES_CONFIGURATION_SET, configuration_set),
     ]);
     (values, backend, account.id)
 }
@@ -328,6 +336,7 @@ fn a_function_started_without_a_variable_its_template_sets_fails_init_naming_it(
         (SENDER, SENDER_VALUE),
         (PUBLIC_URL, PUBLIC_URL_VALUE),
         (UNSUBSCRIBE_SECRET_ARN, "arn:aws:secretsmanager:us-east-1:000000000000:secret:unused"),
+        (SES_CONFIGURATION_SET, "unused"),
     ]);
     for function in template_functions() {
         let (event, _) = events_of(&function.binary).into_iter().next().expect("the function has an event");

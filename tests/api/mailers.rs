@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use shared::adapters::ses::SesMailer;
 use shared::adapters::smtp::SmtpMailer;
-use shared::domain::{ClaimOwner, EnrollmentId, SendKey};
+use shared::domain::{AccountId, ClaimOwner, EmailReference, EnrollmentId, ProspectId, SendKey};
 use shared::ports::{Delivered, MailError, Mailer, OutgoingEmail, SendClaim};
 
 use crate::helpers::emulator_sdk_config;
@@ -123,9 +123,10 @@ async fn smtp_mailer_delivers_text_and_html_with_one_click_unsubscribe_headers()
     let token = token();
     let email = email("CadenHQ <hello@cadenhq.test>", &token);
     let mailer = SmtpMailer::from_url(&url).expect("valid SMTP URL");
+    let claim = claim();
 
     // Act
-    let result = mailer.send(&email, &claim()).await;
+    let result = mailer.send(&email, &claim).await;
 
     // Assert
     let delivered_id = result.expect("sent").message_id;
@@ -134,6 +135,8 @@ async fn smtp_mailer_delivers_text_and_html_with_one_click_unsubscribe_headers()
     assert_eq!(received.header("X-MailFrom"), Some("hello@cadenhq.test"), "envelope sender");
     assert_eq!(received.header("From"), Some("CadenHQ <hello@cadenhq.test>"));
     assert_eq!(received.header("Message-ID"), Some(format!("<{delivered_id}>").as_str()), "the id the send log keeps");
+    assert!(delivered_id.ends_with("@cadenhq.test"), "of the sender's domain: {delivered_id}");
+    assert_eq!(EmailReference::from_message_id(&delivered_id), Some(claim.reference), "names the prospect and step");
     assert_campaign_email(&received, &email);
 }
 
@@ -181,9 +184,11 @@ fn scripted_smtp_peer(replies: &'static [(&'static str, &'static str)]) -> u16 {
     port
 }
 
-/// What a mailer is told about the step it sends for (only the outbox uses it).
+/// What a mailer is told about the step it sends for: the outbox records the send with it, and
+/// every mailer names the step in the email.
 fn claim() -> SendClaim {
-    SendClaim { key: SendKey { enrollment: EnrollmentId::new(), step: 0 }, owner: ClaimOwner::new(), now: time::OffsetDateTime::now_utc() }
+    let reference = EmailReference { account: AccountId::new(), prospect: ProspectId::new(), send: SendKey { enrollment: EnrollmentId::new(), step: 0 } };
+    SendClaim { reference, owner: ClaimOwner::new(), now: time::OffsetDateTime::now_utc() }
 }
 
 async fn send_through_peer(replies: &'static [(&'static str, &'static str)]) -> Result<Delivered, MailError> {
@@ -270,9 +275,12 @@ async fn ses_mailer_sends_raw_mime_with_one_click_unsubscribe_headers() {
     let domain = format!("{token}.cadenhq.test");
     client.create_email_identity().email_identity(&domain).send().await.expect("create the sending identity");
     let email = email(&format!("CadenHQ <hello@{domain}>"), &token);
+    let configuration_set = format!("cadenhq-{token}");
+    client.create_configuration_set().configuration_set_name(&configuration_set).send().await.expect("create the configuration set");
+    let mailer = SesMailer::from_sdk_config(&sdk).with_configuration_set(Some(configuration_set));
 
     // Act
-    let result = SesMailer::from_sdk_config(&sdk).send(&email, &claim()).await;
+    let result = mailer.send(&email, &claim()).await;
     drop(client);
 
     // Assert

@@ -20,7 +20,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let aws = aws_sdk_config().await;
     let unsubscribe_secret = unsubscribe_secret_from_aws(&aws).await?;
     let backend = Backend::aws(&aws, &table.table_name, Some(&queue.queue_url));
-    let mailer = Arc::new(SesMailer::from_sdk_config(&aws));
+    let mailer = Arc::new(SesMailer::from_sdk_config(&aws).with_configuration_set(Some(delivery.ses_configuration_set)));
     let ports = backend.scheduler_ports(mailer, Arc::new(SystemClock)).ok_or("the scheduler needs the job queue")?;
     let settings = DeliverySettings { sender: delivery.sender, public_url: delivery.public_url, unsubscribe_secret };
     let scheduler = Arc::new(Scheduler::new(ports, settings));

@@ -23,7 +23,7 @@ use aws_sdk_sesv2::config::timeout::TimeoutConfig;
 use aws_sdk_sesv2::error::SdkError;
 use aws_sdk_sesv2::operation::send_email::SendEmailError;
 use aws_sdk_sesv2::primitives::Blob;
-use aws_sdk_sesv2::types::{Destination, EmailContent, RawMessage};
+use aws_sdk_sesv2::types::{Destination, EmailContent, MessageTag, RawMessage};
 use aws_sdk_sesv2::Client;
 
 use super::smtp::{build_message, redact_addresses, refused_connection, ProviderFailure};
@@ -39,13 +39,21 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct SesMailer {
     client: Client,
+    configuration_set: Option<String>,
 }
 
 impl SesMailer {
     /// A mailer over a client built by the caller, used as it is.
     #[must_use]
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self { client, configuration_set: None }
+    }
+
+    /// Sends through the configuration set `name` (whose event destinations report bounces,
+    /// complaints and deliveries), or without one for `None`.
+    #[must_use]
+    pub fn with_configuration_set(self, name: Option<String>) -> Self {
+        Self { configuration_set: name, ..self }
     }
 
     /// A mailer over a client with the sending settings above (one attempt, bounded timeouts).
@@ -67,8 +75,15 @@ impl SesMailer {
 
 #[async_trait]
 impl Mailer for SesMailer {
-    async fn send(&self, email: &OutgoingEmail, _claim: &SendClaim) -> Result<Delivered, MailError> {
-        let message = build_message(email)?;
+    async fn send(&self, email: &OutgoingEmail, claim: &SendClaim) -> Result<Delivered, MailError> {
+        let message = build_message(email, &claim.reference)?;
+        // SES replaces the Message-ID; its event notifications carry these tags back instead.
+        let tags = claim
+            .reference
+            .tags()
+            .into_iter()
+            .map(|(name, value)| MessageTag::builder().name(name).value(value).build().map_err(|e| MailError::NotAccepted(Box::new(e))))
+            .collect::<Result<Vec<_>, _>>()?;
         let sender = message.envelope().from().map(ToString::to_string);
         let recipients = message.envelope().to().iter().map(ToString::to_string).collect();
         let raw = RawMessage::builder()
@@ -81,6 +96,8 @@ impl Mailer for SesMailer {
             .set_from_email_address(sender.clone())
             .destination(Destination::builder().set_to_addresses(Some(recipients)).build())
             .content(EmailContent::builder().raw(raw).build())
+            .set_configuration_set_name(self.configuration_set.clone())
+            .set_email_tags(Some(tags))
             .send()
             .await
             .map_err(|e| classify_sdk(e, sender.as_deref()))?;

@@ -19,6 +19,7 @@ use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::response::{Category, Severity};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
+use crate::domain::EmailReference;
 use crate::ports::{Delivered, MailError, Mailer, OutgoingEmail, SendClaim};
 
 const LIST_UNSUBSCRIBE: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe");
@@ -64,8 +65,8 @@ impl SmtpMailer {
 
 #[async_trait]
 impl Mailer for SmtpMailer {
-    async fn send(&self, email: &OutgoingEmail, _claim: &SendClaim) -> Result<Delivered, MailError> {
-        let message = build_message(email)?;
+    async fn send(&self, email: &OutgoingEmail, claim: &SendClaim) -> Result<Delivered, MailError> {
+        let message = build_message(email, &claim.reference)?;
         let message_id = message_id(&message);
         self.transport.send(message).await.map_err(|e| classify(&e))?;
         Ok(Delivered { message_id, recorded: false })
@@ -123,7 +124,7 @@ pub(crate) fn header_lines(mime: &str) -> Vec<(String, String)> {
 }
 
 /// The MIME message for `email`: `From`, `To`, `Subject` (RFC 2047-encoded when needed),
-/// `Date`, `Message-ID`, the two RFC 8058 headers, and a multipart/alternative body with the
+/// `Date`, `Message-ID` (naming `reference`, see [`EmailReference::message_id`]), the two RFC 8058 headers, and a multipart/alternative body with the
 /// plain-text part first and the HTML part last.
 ///
 /// # Errors
@@ -139,13 +140,16 @@ pub fn validate_sender(sender: &str) -> Result<(), String> {
     sender.parse::<Mailbox>().map(drop).map_err(|e| format!("the sender address {sender:?} is invalid: {e}"))
 }
 
-pub(crate) fn build_message(email: &OutgoingEmail) -> Result<Message, MailError> {
+pub(crate) fn build_message(email: &OutgoingEmail, reference: &EmailReference) -> Result<Message, MailError> {
     let to: Mailbox =
         email.to.parse().map_err(|e| MailError::Rejected(format!("invalid recipient address: {e}")))?;
     let from: Mailbox = email
         .from
         .parse()
         .map_err(|e| MailError::NotAccepted(Box::new(ProviderFailure::new(&format!("invalid sender address: {e}")))))?;
+    // The sender's domain is ours: the Message-ID is of our domain whatever host sends it.
+    let from_domain = from.email.domain().to_owned();
+    let from_domain = from_domain.as_str();
     let url = &email.unsubscribe_url;
     if url.is_empty() || !url.bytes().all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>') {
         return Err(MailError::NotAccepted(Box::new(ProviderFailure::new(
@@ -156,7 +160,7 @@ pub(crate) fn build_message(email: &OutgoingEmail) -> Result<Message, MailError>
         .from(from)
         .to(to)
         .subject(email.subject.as_str())
-        .message_id(None)
+        .message_id(Some(format!("<{}>", reference.message_id(from_domain))))
         .raw_header(HeaderValue::new(LIST_UNSUBSCRIBE, format!("<{url}>")))
         .raw_header(HeaderValue::new(LIST_UNSUBSCRIBE_POST, ONE_CLICK.to_owned()))
         .multipart(MultiPart::alternative_plain_html(email.text_body.clone(), email.html_body.clone()))
@@ -194,8 +198,17 @@ mod tests {
         }
     }
 
+    fn reference() -> EmailReference {
+        use crate::domain::{AccountId, EnrollmentId, ProspectId, SendKey};
+        EmailReference { account: AccountId::new(), prospect: ProspectId::new(), send: SendKey { enrollment: EnrollmentId::new(), step: 1 } }
+    }
+
+    fn build_message_for(email: &OutgoingEmail) -> Result<Message, MailError> {
+        build_message(email, &reference())
+    }
+
     fn formatted(email: &OutgoingEmail) -> String {
-        String::from_utf8(build_message(email).expect("valid email").formatted()).expect("ASCII message")
+        String::from_utf8(build_message(email, &reference()).expect("valid email").formatted()).expect("ASCII message")
     }
 
     fn header_block(message: &str) -> &str {
@@ -235,6 +248,16 @@ mod tests {
     }
 
     #[test]
+    fn the_message_id_is_of_the_senders_domain_and_names_the_step() {
+        let reference = reference();
+        let message = build_message(&email(), &reference).unwrap();
+        let id = message_id(&message);
+        assert!(id.ends_with("@cadenhq.test"), "{id}");
+        assert_eq!(EmailReference::from_message_id(&id), Some(reference));
+        assert!(header_block(&formatted(&email())).contains("Message-ID: <cadenhq."), "one header, in angle brackets");
+    }
+
+    #[test]
     fn non_ascii_subject_is_an_encoded_word() {
         let message = formatted(&OutgoingEmail { subject: "Bienvenue, Zoé".into(), ..email() });
 
@@ -252,14 +275,14 @@ mod tests {
 
     #[test]
     fn invalid_recipient_is_rejected() {
-        let result = build_message(&OutgoingEmail { to: "not an address".into(), ..email() });
+        let result = build_message_for(&OutgoingEmail { to: "not an address".into(), ..email() });
 
         assert!(matches!(result, Err(MailError::Rejected(m)) if m.contains("recipient")));
     }
 
     #[test]
     fn invalid_sender_is_a_configuration_failure_not_a_bounce() {
-        let result = build_message(&OutgoingEmail { from: "cadenhq.test".into(), ..email() });
+        let result = build_message_for(&OutgoingEmail { from: "cadenhq.test".into(), ..email() });
 
         assert!(matches!(result, Err(MailError::NotAccepted(e)) if e.to_string().contains("sender")));
         assert!(validate_sender("cadenhq.test").is_err());
@@ -269,7 +292,7 @@ mod tests {
     #[test]
     fn unsubscribe_url_that_would_break_the_header_is_not_sent() {
         for url in ["", "https://x.test/u?t=a b", "https://x.test/u>", "https://x.test/ü"] {
-            let result = build_message(&OutgoingEmail { unsubscribe_url: url.into(), ..email() });
+            let result = build_message_for(&OutgoingEmail { unsubscribe_url: url.into(), ..email() });
 
             assert!(matches!(result, Err(MailError::NotAccepted(_))), "{url:?}");
         }
@@ -277,7 +300,7 @@ mod tests {
 
     #[test]
     fn header_lines_unfold_and_keep_the_order() {
-        let message = build_message(&email()).unwrap();
+        let message = build_message(&email(), &reference()).unwrap();
         let text = String::from_utf8(message.formatted()).unwrap();
 
         let headers = header_lines(&text);

@@ -3,6 +3,7 @@
 
 mod campaign;
 mod email;
+mod feedback;
 mod ids;
 mod idempotency;
 mod job;
@@ -20,6 +21,10 @@ pub use progress::{enrollment_view, EndedReason, EnrollmentState, EnrollmentView
 pub use send::{ClaimOwner, SendKey, SendRecord, SendState, SendTally, SEND_STATES};
 pub use unsubscribe::{InvalidToken, UnsubscribeSecret, WeakSecret};
 pub use email::{EmailError, NormalizedEmail};
+pub use feedback::{
+    parse_ses_notification, transient_bounces_exhausted, BounceClass, Effect, EmailReference, Feedback, FeedbackError, FeedbackKind, TRANSIENT_BOUNCE_LIMIT,
+    TRANSIENT_BOUNCE_WINDOW,
+};
 pub use ids::{AccountId, CampaignId, EnrollmentId, IdError, KeyId, ProspectId};
 pub use idempotency::{
     request_fingerprint, IdempotencyBegin, IdempotencyKey, InvalidIdempotencyKey, StoredResponse, IDEMPOTENCY_TTL,

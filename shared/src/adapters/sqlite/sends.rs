@@ -421,7 +421,7 @@ impl SendLog for SqliteStore {
 #[async_trait]
 impl Mailer for SqliteStore {
     async fn send(&self, email: &OutgoingEmail, claim: &SendClaim) -> Result<Delivered, MailError> {
-        let message = crate::adapters::smtp::build_message(email)?;
+        let message = crate::adapters::smtp::build_message(email, &claim.reference)?;
         let message_id = crate::adapters::smtp::message_id(&message);
         let mime = String::from_utf8_lossy(&message.formatted()).into_owned();
         let doc = serde_json::to_string(email).map_err(|e| MailError::NotAccepted(Box::new(e)))?;
@@ -436,7 +436,7 @@ impl Mailer for SqliteStore {
                 params![now, doc, mime, id],
             )
             .map_err(db_error)?;
-            if !record_send_on(conn, claim.key, claim.owner, &sent, Some(&subject), claim.now)? {
+            if !record_send_on(conn, claim.reference.send, claim.owner, &sent, Some(&subject), claim.now)? {
                 // Rolls the email back with it: the claim is no longer this worker's.
                 return Err(StoreError::other("the send's claim is no longer held"));
             }
