@@ -124,8 +124,9 @@ pub(crate) fn header_lines(mime: &str) -> Vec<(String, String)> {
 }
 
 /// The MIME message for `email`: `From`, `To`, `Subject` (RFC 2047-encoded when needed),
-/// `Date`, `Message-ID` (naming `reference`, see [`EmailReference::message_id`]), the two RFC 8058 headers, and a multipart/alternative body with the
-/// plain-text part first and the HTML part last.
+/// `Date`, `Message-ID` (naming `reference`: [`EmailReference::message_id`]), the two RFC 8058
+/// headers, and a multipart/alternative body with the plain-text part first and the HTML part
+/// last.
 ///
 /// # Errors
 /// [`MailError::Rejected`] when `to` is not an email address; [`MailError::NotAccepted`] when
@@ -148,8 +149,7 @@ pub(crate) fn build_message(email: &OutgoingEmail, reference: &EmailReference) -
         .parse()
         .map_err(|e| MailError::NotAccepted(Box::new(ProviderFailure::new(&format!("invalid sender address: {e}")))))?;
     // The sender's domain is ours: the Message-ID is of our domain whatever host sends it.
-    let from_domain = from.email.domain().to_owned();
-    let from_domain = from_domain.as_str();
+    let message_id = format!("<{}>", reference.message_id(from.email.domain()));
     let url = &email.unsubscribe_url;
     if url.is_empty() || !url.bytes().all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>') {
         return Err(MailError::NotAccepted(Box::new(ProviderFailure::new(
@@ -160,7 +160,7 @@ pub(crate) fn build_message(email: &OutgoingEmail, reference: &EmailReference) -
         .from(from)
         .to(to)
         .subject(email.subject.as_str())
-        .message_id(Some(format!("<{}>", reference.message_id(from_domain))))
+        .message_id(Some(message_id))
         .raw_header(HeaderValue::new(LIST_UNSUBSCRIBE, format!("<{url}>")))
         .raw_header(HeaderValue::new(LIST_UNSUBSCRIBE_POST, ONE_CLICK.to_owned()))
         .multipart(MultiPart::alternative_plain_html(email.text_body.clone(), email.html_body.clone()))
