@@ -9,7 +9,9 @@ use crate::adapters::local_rate_limit::LocalRateLimiter;
 use crate::adapters::sqlite::SqliteStore;
 use crate::adapters::sqs::SqsQueue;
 use crate::domain::{Clock, Prospect, SendKey, SendState};
+use crate::feedback::FeedbackService;
 use crate::ports::{
+    FeedbackLog,
     AdminStore, IdempotencyStore, JobQueue, KeyStore, Mailer, ProspectRepository, PullQueue, RateLimiter, SendLog,
     StoreError,
 };
@@ -39,6 +41,7 @@ pub struct Backend {
     pub keys: Arc<dyn KeyStore>,
     pub admin: Arc<dyn AdminStore>,
     pub sends: Arc<dyn SendLog>,
+    pub feedback: Arc<dyn FeedbackLog>,
     pub idempotency: Arc<dyn IdempotencyStore>,
     pub limiter: Arc<dyn RateLimiter>,
     pub key_cache_ttl: std::time::Duration,
@@ -95,6 +98,7 @@ impl Backend {
             keys: Arc::new(store.clone()),
             admin: Arc::new(store.clone()),
             sends: Arc::new(store.clone()),
+            feedback: Arc::new(store.clone()),
             idempotency: Arc::new(store.clone()),
             limiter: Arc::new(LocalRateLimiter::default()),
             key_cache_ttl: std::time::Duration::ZERO,
@@ -121,6 +125,7 @@ impl Backend {
             keys: Arc::new(store.clone()),
             admin: Arc::new(store.clone()),
             sends: Arc::new(store.clone()),
+            feedback: Arc::new(store.clone()),
             idempotency: Arc::new(store),
             limiter: Arc::new(DynamoRateLimiter::new(client, table)),
             key_cache_ttl: LAMBDA_KEY_CACHE_TTL,
@@ -143,6 +148,13 @@ impl Backend {
             statuses: self.service(Arc::clone(&clock)),
             clock,
         })
+    }
+
+    /// The feedback service over this backend (bounces, complaints and deliveries reported by
+    /// mail providers).
+    #[must_use]
+    pub fn feedback_service(&self, clock: Arc<dyn Clock>) -> FeedbackService {
+        FeedbackService::new(Arc::clone(&self.feedback), clock)
     }
 
     /// The prospects service over this backend.

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod admin;
 pub mod config;
 pub mod domain;
+pub mod feedback;
 pub mod http;
 pub mod ports;
 pub mod scheduler;

@@ -276,6 +276,72 @@ pub trait SendLog: Send + Sync {
     async fn tally(&self, campaign: CampaignId) -> Result<SendTally, StoreError>;
 }
 
+/// What one piece of feedback does to its prospect, once the rule has been applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedbackChange {
+    /// Sets the status, as a PATCH would (ending every enrollment in the same write, with
+    /// the change and its reason in the status history).
+    Status(ProspectStatus, StatusReason),
+    /// A transient or undetermined bounce: recorded; the [`crate::domain::TRANSIENT_BOUNCE_LIMIT`]th
+    /// within [`crate::domain::TRANSIENT_BOUNCE_WINDOW`] sets the status `bounced` (reason `bounce`)
+    /// in the same write.
+    TransientBounce,
+}
+
+/// One piece of feedback about one recipient, to apply once to its prospect.
+#[derive(Debug, Clone)]
+pub struct FeedbackWrite {
+    /// The provider's id of the notification: with the prospect's address hash, what makes
+    /// it apply once.
+    pub feedback_id: String,
+    /// The prospect, where its address (the recipient's, normalized) stores it. Nothing is
+    /// written unless the prospect stored there is this one.
+    pub prospect: ProspectKey,
+    /// The feedback's kind ([`crate::domain::FeedbackKind::as_str`]).
+    pub kind: &'static str,
+    /// When the provider observed it.
+    pub at: OffsetDateTime,
+    pub change: FeedbackChange,
+    pub now: OffsetDateTime,
+}
+
+/// What applying a piece of feedback did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedbackApplied {
+    /// Recorded; the status set in the same write, if one was.
+    Applied(Option<ProspectStatus>),
+    /// This feedback (id, recipient) was applied before: nothing was written.
+    Duplicate,
+    /// No such prospect at that address (erased, never there, another address): nothing was
+    /// written.
+    Unmatched,
+}
+
+/// Feedback from mail providers: what ties it to a send, and its effect on the prospect.
+#[async_trait]
+pub trait FeedbackLog: Send + Sync {
+    /// The prospect and step of the email the provider's message id was recorded for (a
+    /// `sent` send record), if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn sent_email(&self, provider_message_id: &str) -> Result<Option<EmailReference>, StoreError>;
+
+    /// Applies `write` once, in one atomic write: the record that it was applied and the
+    /// change to the prospect.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn apply_feedback(&self, write: &FeedbackWrite) -> Result<FeedbackApplied, StoreError>;
+
+    /// Records that the step's email was delivered at `at`; `false` when the step has no
+    /// `sent` record.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Other`].
+    async fn record_delivery(&self, send: SendKey, at: OffsetDateTime) -> Result<bool, StoreError>;
+}
+
 /// A queue the process pulls due jobs from itself (the embedded store's), rather than one
 /// that pushes them to a function (SQS).
 #[async_trait]

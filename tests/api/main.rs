@@ -6,6 +6,7 @@ mod cli;
 mod contract;
 mod crash;
 mod events;
+mod feedback;
 mod hardening;
 mod helpers;
 mod iam;

@@ -89,6 +89,9 @@ struct CountedApp {
     /// An uncounted client that plays the Lambda event source: receives and deletes messages.
     sqs: aws_sdk_sqs::Client,
     queue_url: String,
+    /// The backend over the counting clients, and its account.
+    backend: Backend,
+    account: shared::domain::AccountId,
 }
 
 impl CountedApp {
@@ -129,7 +132,8 @@ impl CountedApp {
         let app = router(backend.service(clock.clone()), Routes::All);
         tokio::spawn(async move { axum::serve(listener, app).await });
 
-        let app = Self { calls, clock, mailer, scheduler, base, http: reqwest::Client::new(), key: key.expose().to_owned(), sqs, queue_url };
+        let key = key.expose().to_owned();
+        let app = Self { calls, clock, mailer, scheduler, base, http: reqwest::Client::new(), key, sqs, queue_url, backend, account: account.id };
         app.calls.take();
         app
     }
@@ -305,6 +309,49 @@ async fn erasure_costs_one_read_and_one_transaction() {
     let (status, _) = app.request(reqwest::Method::DELETE, &format!("/{id}"), &Value::Null).await;
     assert_eq!(status, 404);
     app.check("DELETE of an erased prospect", &[("DynamoDB.GetItem", 1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_for_a_known_prospect_costs_at_most_two_calls() {
+    use crate::feedback::{bounce, ses_notification, Naming};
+    use shared::domain::{EmailReference, ProspectId, SendKey, SendState};
+
+    let app = CountedApp::spawn(GENEROUS).await;
+    let mut sent = Vec::new();
+    for n in 0..3 {
+        let id = ProspectId::parse(&app.post(&prospect(n), 201).await).unwrap();
+        let (_, emails) = app.deliver().await;
+        assert_eq!(emails, 1);
+        app.discard().await;
+        let found = app.backend.repo.find(app.account, &shared::ports::ProspectRef::Id(id)).await.unwrap().unwrap();
+        let send = SendKey { enrollment: found.enrollments[0].id, step: 0 };
+        let SendState::Sent { message_id } = app.backend.sends.send_record(send).await.unwrap().unwrap().state else { panic!("not sent") };
+        sent.push((EmailReference { account: app.account, prospect: id, send }, message_id, format!("lead{n}@example.com")));
+    }
+    let feedback = app.backend.feedback_service(app.clock.clone());
+    let now = app.clock.now();
+    app.calls.take();
+
+    // Tagged (the stack's configuration set): the FEEDBACK# put and the status write, in one
+    // transaction.
+    let (reference, message_id, email) = &sent[0];
+    let notification = ses_notification(Naming::Tags(reference), "Bounce", message_id, email, now, bounce("fb-rt-1", "Permanent", "5.1.1"));
+    feedback.apply_ses_notification(&notification).await.unwrap();
+    app.check("feedback: a permanent bounce, tagged", &[("DynamoDB.TransactWriteItems", 1)]);
+    // Named only by SES's message id: its MSG# item first.
+    let (_, message_id, email) = &sent[1];
+    let complaint = json!({"feedbackId": "fb-rt-2", "complaintFeedbackType": "abuse"});
+    let notification = ses_notification(Naming::MessageId, "Complaint", message_id, email, now, complaint);
+    feedback.apply_ses_notification(&notification).await.unwrap();
+    app.check("feedback: a complaint, by SES's message id", &[("DynamoDB.GetItem", 1), ("DynamoDB.TransactWriteItems", 1)]);
+    // A transient bounce: the address's recent bounces read, then one transaction.
+    let (reference, message_id, email) = &sent[2];
+    let notification = ses_notification(Naming::Tags(reference), "Bounce", message_id, email, now, bounce("fb-rt-3", "Transient", "4.2.2"));
+    feedback.apply_ses_notification(&notification).await.unwrap();
+    app.check("feedback: a transient bounce, tagged", &[("DynamoDB.GetItem", 1), ("DynamoDB.TransactWriteItems", 1)]);
+    let delivery = ses_notification(Naming::Tags(reference), "Delivery", message_id, email, now, json!({"smtpResponse": "250 ok"}));
+    feedback.apply_ses_notification(&delivery).await.unwrap();
+    app.check("feedback: a delivery, tagged", &[("DynamoDB.UpdateItem", 1)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

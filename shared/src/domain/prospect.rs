@@ -99,6 +99,11 @@ pub enum StatusReason {
     Rejected,
     /// The address was erased before: a prospect created for it again starts unsubscribed.
     Erased,
+    /// The provider reported the address dead after the send (a permanent bounce, or the
+    /// third transient one within 30 days).
+    Bounce,
+    /// The recipient marked a campaign email as spam.
+    Complaint,
 }
 
 impl StatusReason {
@@ -109,6 +114,8 @@ impl StatusReason {
             Self::UnsubscribeLink => "unsubscribe_link",
             Self::Rejected => "rejected",
             Self::Erased => "erased",
+            Self::Bounce => "bounce",
+            Self::Complaint => "complaint",
         }
     }
 }

@@ -12,6 +12,9 @@
 //! | (prospect listing) | | `gsi2pk` = `PROSPECTS#{account}#{shard}`, `gsi2sk` = `{created ms, 15 digits}#{id}` on the prospect item |
 //! | suppression of an erased address | `SUPPRESS#{account}#{sha256(normalized email)}` | `reason` (`erased`), `at` |
 //! | send record | `SEND#{enrollment_id}#{step}` | `state`, `owner`, `detail`, `attempts`, `retry_at`, `claimed_at`, `updated_at`; `expires_at` (TTL) |
+//! | provider message id | `MSG#{message id}` | `account`, `prospect`, `enrollment`, `step` of the `sent` send record; `expires_at` (TTL, as the send record) |
+//! | applied feedback | `FEEDBACK#{sha256(feedback id)}#{sha256(normalized email)}` | `account`, `prospect`, `kind`, `at`; `expires_at` (TTL, 35 days) |
+//! | recent transient bounces | `BOUNCES#{account}#{sha256(normalized email)}` | `times` (the last 30 days'), `prospect`, `version`; `expires_at` (TTL) |
 //! | idempotency record | `IDEM#{account}#{sha256(key)}` | `fingerprint`, `status`, `body`, `lease_until`; `expires_at` (TTL) |
 //! | rate-limit bucket | `RATE#{key_id}` | `tat` (GCRA, Unix nanoseconds); `expires_at` (TTL) |
 //!
@@ -21,6 +24,7 @@
 //! Uniqueness of email and external_id is enforced by conditional writes in one transaction.
 
 mod admin;
+mod feedback;
 mod idempotency;
 mod keys;
 mod prospects;

@@ -62,6 +62,36 @@ fn prospect_item(r: &ProspectRecord, enroll_count: u32, position: Option<ListPos
     item
 }
 
+/// The update of a prospect item that sets its status: every status change (PATCH, the
+/// unsubscribe link, the scheduler's bounce, providers' feedback) is this expression, alone
+/// (`set_status`) or in a transaction. The change is appended to the history unread: its
+/// `from` is the status before it (see `StoredStatusChange`), and one that changes nothing is
+/// left out when read. A status other than `new` ends every enrollment.
+pub(super) struct StatusWrite {
+    pub expression: String,
+    pub names: HashMap<String, String>,
+    pub values: HashMap<String, AttributeValue>,
+}
+
+impl StatusWrite {
+    pub(super) fn new(status: ProspectStatus, reason: StatusReason, now: OffsetDateTime) -> Self {
+        let change = StoredStatusChange { to: status, at: now, reason };
+        let mut expression =
+            "SET #status = :s, updated_at = :now, version = version + :one, history = list_append(if_not_exists(history, :none), :change)".to_owned();
+        if status.ends_campaigns() {
+            expression.push_str(", ended_through = enroll_count");
+        }
+        let values = HashMap::from([
+            (":s".to_owned(), s(status.as_str())),
+            (":now".to_owned(), s(rfc3339(now))),
+            (":one".to_owned(), n(1)),
+            (":none".to_owned(), AttributeValue::L(Vec::new())),
+            (":change".to_owned(), AttributeValue::L(vec![s(to_json(&change))])),
+        ]);
+        Self { expression, names: HashMap::from([("#status".to_owned(), "status".to_owned())]), values }
+    }
+}
+
 /// The prospect item's attribute holding one step's recorded outcome.
 pub(super) fn progress_attribute(enrollment: EnrollmentId, step: u32) -> String {
     format!("{PROGRESS_PREFIX}{enrollment}#{step}")
@@ -251,28 +281,17 @@ impl ProspectRepository for DynamoStore {
         now: OffsetDateTime,
     ) -> Result<Option<Prospect>, StoreError> {
         let Some(pk) = self.resolve(account, prospect).await? else { return Ok(None) };
-        // The change is appended unread: its `from` is the status before it (see
-        // `StoredStatusChange`), and one that changes nothing is left out when read.
-        let change = StoredStatusChange { to: status, at: now, reason };
-        let mut expression =
-            "SET #status = :s, updated_at = :now, version = version + :one, history = list_append(if_not_exists(history, :none), :change)".to_owned();
-        if status.ends_campaigns() {
-            expression.push_str(", ended_through = enroll_count");
-        }
+        let change = StatusWrite::new(status, reason, now);
         let result = self
             .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key(pk)))
-            .update_expression(expression)
+            .update_expression(change.expression)
             .condition_expression("attribute_exists(pk) AND account_id = :account")
-            .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":s", s(status.as_str()))
-            .expression_attribute_values(":now", s(rfc3339(now)))
-            .expression_attribute_values(":one", n(1))
+            .set_expression_attribute_names(Some(change.names))
+            .set_expression_attribute_values(Some(change.values))
             .expression_attribute_values(":account", s(account.to_string()))
-            .expression_attribute_values(":none", AttributeValue::L(Vec::new()))
-            .expression_attribute_values(":change", AttributeValue::L(vec![s(to_json(&change))]))
             .return_values(ReturnValue::AllNew)
             .send()
             .await;

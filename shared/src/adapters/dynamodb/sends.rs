@@ -6,17 +6,18 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{ConditionCheck, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update};
 use time::OffsetDateTime;
 
+use super::feedback::message_item;
 use super::prospects::progress_attribute;
 use super::{campaign_pk, get_n, get_s, key, n, prospect_pk, s, sdk_error, DynamoStore, Item};
 use crate::adapters::record::{rfc3339, to_json};
-use crate::domain::{CampaignId, ClaimOwner, EnrollmentId, ProspectStatus, SendKey, SendRecord, SendState, SendTally, StepProgress};
+use crate::domain::{CampaignId, ClaimOwner, EmailReference, EnrollmentId, ProspectStatus, SendKey, SendRecord, SendState, SendTally, StepProgress};
 use crate::ports::{ClaimRequest, ClaimResult, ProspectKey, SendLog, StoreError};
 
 /// How long a send record is kept (DynamoDB TTL attribute `expires_at`): longer than any
 /// campaign can run.
 const SEND_RECORD_TTL_SECONDS: i64 = 400 * 24 * 3600;
 
-fn send_pk(key: SendKey) -> String {
+pub(super) fn send_pk(key: SendKey) -> String {
     format!("SEND#{}#{}", key.enrollment, key.step)
 }
 
@@ -190,7 +191,14 @@ impl SendLog for DynamoStore {
                 .expression_attribute_values(":one", n(1))
                 .build(),
         )?;
-        let items = vec![TransactWriteItem::builder().update(record.clone()).build(), TransactWriteItem::builder().update(on_prospect).build()];
+        let mut items = vec![TransactWriteItem::builder().update(record.clone()).build(), TransactWriteItem::builder().update(on_prospect).build()];
+        if let SendState::Sent { message_id } = state {
+            // What finds the prospect and step from a notification naming only this id.
+            let reference = EmailReference { account: prospect.account, prospect: prospect.prospect, send: key };
+            let expires_at = now.unix_timestamp() + SEND_RECORD_TTL_SECONDS;
+            let put = build(Put::builder().table_name(&self.table).set_item(Some(message_item(message_id, &reference, expires_at))).build())?;
+            items.push(TransactWriteItem::builder().put(put).build());
+        }
         let reason = |e: &SdkError<TransactWriteItemsError, _>, i: usize| match e {
             SdkError::ServiceError(se) => match se.err() {
                 TransactWriteItemsError::TransactionCanceledException(tc) => tc.cancellation_reasons().get(i).and_then(|r| r.code()).map(str::to_owned),
@@ -203,7 +211,7 @@ impl SendLog for DynamoStore {
         let mut attempt = 0;
         let e = loop {
             let Err(e) = self.client.transact_write_items().set_transact_items(Some(items.clone())).send().await else { return Ok(true) };
-            let conflict = (0..2).any(|i| reason(&e, i).as_deref() == Some("TransactionConflict"));
+            let conflict = (0..items.len()).any(|i| reason(&e, i).as_deref() == Some("TransactionConflict"));
             attempt += 1;
             if !conflict || attempt == 3 {
                 break e;

@@ -35,6 +35,7 @@
 //! lock, after which the request fails as [`StoreError::Unavailable`].
 
 mod admin;
+mod feedback;
 mod idempotency;
 mod keys;
 mod prospects;
@@ -110,6 +111,11 @@ CREATE INDEX IF NOT EXISTS prospect_campaigns_prospect ON prospect_campaigns(pro
 CREATE TABLE IF NOT EXISTS suppressions (
     account_id TEXT NOT NULL, email_hash TEXT NOT NULL, reason TEXT NOT NULL, at TEXT NOT NULL,
     PRIMARY KEY (account_id, email_hash));
+CREATE TABLE IF NOT EXISTS feedback (
+    feedback_id TEXT NOT NULL, email_hash TEXT NOT NULL, account_id TEXT NOT NULL, prospect_id TEXT NOT NULL,
+    kind TEXT NOT NULL, at TEXT NOT NULL, at_ms INTEGER NOT NULL, received_at TEXT NOT NULL,
+    PRIMARY KEY (feedback_id, email_hash));
+CREATE INDEX IF NOT EXISTS feedback_prospect ON feedback(prospect_id, kind, at_ms);
 CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1), keys_version INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (id, keys_version) VALUES (1, 0);
 CREATE TRIGGER IF NOT EXISTS api_keys_inserted AFTER INSERT ON api_keys
@@ -138,12 +144,14 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("prospects", "history", "TEXT"),
     ("prospects", "created_ms", "INTEGER"),
     ("prospects", "updated_ms", "INTEGER"),
+    ("sends", "delivered_at", "TEXT"),
 ];
 
 /// Indexes on columns of [`ADDED_COLUMNS`], created once those exist.
 const ADDED_INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS sends_campaign ON sends(campaign_id, step, state);
 CREATE INDEX IF NOT EXISTS sends_prospect ON sends(prospect_id);
+CREATE INDEX IF NOT EXISTS sends_message ON sends(detail) WHERE state = 'sent';
 CREATE INDEX IF NOT EXISTS prospects_listing ON prospects(account_id, created_ms DESC, id DESC);
 CREATE INDEX IF NOT EXISTS prospects_status_listing ON prospects(account_id, status, created_ms DESC, id DESC);
 CREATE INDEX IF NOT EXISTS prospects_updated ON prospects(account_id, updated_ms);

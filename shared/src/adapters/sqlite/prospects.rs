@@ -117,6 +117,29 @@ fn into_prospect((mut record, history, progress): ProspectRow) -> Result<Prospec
     record.into_prospect()
 }
 
+/// Sets a prospect's status: every status change (PATCH, unsubscribe link, the scheduler's
+/// bounce, providers' feedback) is this write. Read and updated on the write connection, in
+/// the group's transaction: nothing can change the prospect in between.
+pub(super) fn set_status_on(
+    conn: &Connection,
+    account: AccountId,
+    by: &ProspectRef,
+    status: ProspectStatus,
+    reason: StatusReason,
+    now: OffsetDateTime,
+) -> Result<Option<Prospect>, StoreError> {
+    let Some(mut p) = find_prospect(conn, account, by)? else { return Ok(None) };
+    p.set_status(status, reason, now);
+    p.version += 1;
+    execute(
+        conn,
+        "UPDATE prospects SET status = ?2, ended_through = ?3, version = version + 1, updated_at = ?4, history = ?5, updated_ms = ?6 WHERE id = ?1",
+        params![p.id.to_string(), p.status.as_str(), p.ended_through, rfc3339(now), history_json(&p), millis(now)],
+    )
+    .map_err(db_error)?;
+    Ok(Some(p))
+}
+
 /// Gives rows of earlier versions what the listing's indexes read: their creation and update
 /// times in milliseconds, and a row per campaign they were enrolled in.
 pub(super) fn fill_listing_positions(conn: &Connection) -> Result<(), StoreError> {
@@ -249,21 +272,7 @@ impl ProspectRepository for SqliteStore {
         now: OffsetDateTime,
     ) -> Result<Option<Prospect>, StoreError> {
         let by = prospect.clone();
-        // Read and update on the write connection, in the group's transaction: nothing can
-        // change the prospect in between.
-        self.write(move |conn| {
-            let Some(mut p) = find_prospect(conn, account, &by)? else { return Ok(None) };
-            p.set_status(status, reason, now);
-            p.version += 1;
-            execute(
-                conn,
-                "UPDATE prospects SET status = ?2, ended_through = ?3, version = version + 1, updated_at = ?4, history = ?5, updated_ms = ?6 WHERE id = ?1",
-                params![p.id.to_string(), p.status.as_str(), p.ended_through, rfc3339(now), history_json(&p), millis(now)],
-            )
-            .map_err(db_error)?;
-            Ok(Some(p))
-        })
-        .await
+        self.write(move |conn| set_status_on(conn, account, &by, status, reason, now)).await
     }
 
     async fn find(&self, account: AccountId, prospect: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
@@ -289,6 +298,7 @@ impl ProspectRepository for SqliteStore {
                 )
                 .map_err(db_error)?;
                 execute(conn, "DELETE FROM sends WHERE prospect_id = ?1", [&id]).map_err(db_error)?;
+                execute(conn, "DELETE FROM feedback WHERE prospect_id = ?1", [&id]).map_err(db_error)?;
                 execute(conn, "DELETE FROM prospect_campaigns WHERE prospect_id = ?1", [&id]).map_err(db_error)?;
                 execute(conn, "DELETE FROM prospects WHERE id = ?1", [&id]).map_err(db_error)?;
                 execute(
