@@ -1,6 +1,7 @@
 //! Every event in `events/` (the payloads `sam local invoke -e` takes) through the handler of
 //! the function that owns it: API Gateway events through that function's router as
-//! `lambda_http` hands them over, SQS events through the scheduler's batch handler.
+//! `lambda_http` hands them over, SQS events through the scheduler's batch handler, SNS events
+//! (Amazon SES notifications) through the feedback function's handler.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,10 +10,16 @@ use serde_json::Value;
 use shared::adapters::sqlite::SqliteStore;
 use shared::admin;
 use shared::backend::Backend;
-use shared::domain::{AccountId, ApiKey, ApiKeyRecord, CampaignDefinition, ExternalId, Prospect, ProspectId, SystemClock};
+use shared::domain::{
+    AccountId, ApiKey, ApiKeyRecord, CampaignDefinition, ExternalId, NormalizedEmail, Prospect, ProspectId, ProspectStatus, SendKey, StatusReason,
+    SystemClock,
+};
+use aws_lambda_events::event::sns::SnsEvent;
 use aws_lambda_events::event::sqs::SqsEvent;
+use shared::feedback::FeedbackOutcome;
 use shared::http::{router, Routes, UNAUTHORIZED_MESSAGE};
 use shared::ports::{ProspectRef, ProspectRepository};
+use shared::adapters::sns::handle_feedback;
 use shared::adapters::sqs::handle_batch;
 use shared::scheduler::{DeliverySettings, Scheduler};
 use tower::ServiceExt;
@@ -61,15 +68,82 @@ pub(crate) const SQS_EVENTS: [(&str, &[&str]); 1] = [(
     &["3c9a2e10-6f4b-4d8e-9a1c-0b2d4f6e8a02", "3c9a2e10-6f4b-4d8e-9a1c-0b2d4f6e8a03"],
 )];
 
-/// The prospect id `get-prospect-by-id` (and `delete-prospect-by-id`) carries in its path. The
-/// prospect it reads (and erases) is the one `post-prospect-created` creates, whose id is only
-/// known once created: the tests put that id in this one's place (see
-/// [`with_created_prospect`]).
+/// SNS events for the feedback function (Amazon SES notifications, and one message that is
+/// not), in the order they run against one store, each with what the feedback handler reports
+/// for it and the status change it makes to the created prospect when that is `new` (`None`:
+/// it changes nothing). Every one is handled: none fails its invocation.
+pub(crate) type SnsExpectation = (&'static str, &'static [FeedbackOutcome], Option<(ProspectStatus, StatusReason)>);
+pub(crate) const SNS_EVENTS: [SnsExpectation; 6] = [
+    // Recorded against the step's send record, if it has a `sent` one (it has none here).
+    ("feedback-delivery", &[FeedbackOutcome::Recorded], None),
+    ("feedback-send-ignored", &[], None),
+    // What SES publishes when the event destination is created: skipped.
+    ("feedback-not-an-ses-notification", &[], None),
+    // The first transient bounce of the address: counted, nothing set.
+    ("feedback-transient-bounce", &[FeedbackOutcome::Applied(None)], None),
+    (
+        "feedback-permanent-bounce",
+        &[FeedbackOutcome::Applied(Some(ProspectStatus::Bounced))],
+        Some((ProspectStatus::Bounced, StatusReason::Bounce)),
+    ),
+    (
+        "feedback-complaint",
+        &[FeedbackOutcome::Applied(Some(ProspectStatus::Unsubscribed))],
+        Some((ProspectStatus::Unsubscribed, StatusReason::Complaint)),
+    ),
+];
+
+/// The prospect id `get-prospect-by-id` (and `delete-prospect-by-id`) carries in its path, and
+/// the SNS events in their `cadenhq-prospect` tag. The prospect it reads (and erases) is the one
+/// `post-prospect-created` creates, whose id is only known once created: the tests put that id
+/// in this one's place (see [`with_created_prospect`]).
 pub(crate) const CREATED_PROSPECT_ID: &str = "7a0e2c4f-3b1d-4e5a-9c8b-6d2f1e0a3b4c";
+
+/// The account id the SNS events carry in their `cadenhq-account` tag (and `Message-ID`): the
+/// created prospect's account, in its place (see [`with_created_references`]).
+pub(crate) const CREATED_ACCOUNT_ID: &str = "2d6b1f0e-8a4c-4e3b-9f7d-5c1a0b9e8d7f";
+
+/// The enrollment id the SNS events carry in their `cadenhq-enrollment` tag (and
+/// `Message-ID`): the created prospect's first enrollment, in its place (step 0 is sent first).
+pub(crate) const CREATED_ENROLLMENT_ID: &str = "e4c3b2a1-0f9e-4d8c-b7a6-958473625140";
 
 /// The text of an event with `id` in place of [`CREATED_PROSPECT_ID`].
 pub(crate) fn with_created_prospect(raw: &str, id: ProspectId) -> String {
     raw.replace(CREATED_PROSPECT_ID, &id.to_string())
+}
+
+/// The text of an event with the account, the id and the first enrollment of `prospect` in
+/// place of [`CREATED_ACCOUNT_ID`], [`CREATED_PROSPECT_ID`] and [`CREATED_ENROLLMENT_ID`].
+pub(crate) fn with_created_references(raw: &str, prospect: &Prospect) -> String {
+    let enrollment = prospect.enrollments.first().expect("the created prospect is enrolled in the default campaign").id;
+    with_created_prospect(raw, prospect.id)
+        .replace(CREATED_ACCOUNT_ID, &prospect.account_id.to_string())
+        .replace(CREATED_ENROLLMENT_ID, &enrollment.to_string())
+}
+
+/// The send the SNS events name: the created prospect's first step.
+pub(crate) fn first_step(prospect: &Prospect) -> SendKey {
+    SendKey { enrollment: prospect.enrollments.first().expect("the created prospect is enrolled").id, step: 0 }
+}
+
+/// Checks what feedback did to a prospect, `before` and `after`: exactly the status changes
+/// `changes` (to, reason) were added to its history, in order, each from the status the one
+/// before left; its status is the last one's (or unchanged); its history before is kept.
+pub(crate) fn assert_status_changes(what: &str, before: &Prospect, after: &Prospect, changes: &[(ProspectStatus, StatusReason)]) {
+    let kept = after.history.len() >= before.history.len() && after.history[..before.history.len()] == before.history[..];
+    assert!(kept, "{what}: the history before is kept: {:?}", after.history);
+    let added: Vec<_> = after.history[before.history.len()..].iter().map(|c| (c.from, c.to, c.reason)).collect();
+    let mut status = before.status;
+    let expected: Vec<_> = changes
+        .iter()
+        .map(|&(to, reason)| {
+            let change = (status, to, reason);
+            status = to;
+            change
+        })
+        .collect();
+    assert_eq!(added, expected, "{what}: the status changes made");
+    assert_eq!(after.status, status, "{what}: the status left");
 }
 
 /// The prospect `post-prospect-created` created (by its external_id, which the other events
@@ -148,8 +222,12 @@ fn every_event_file_has_an_expected_outcome() {
         .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".json").map(str::to_owned))
         .collect();
     files.sort();
-    let mut listed: Vec<String> =
-        EXPECTED.iter().map(|(name, _)| (*name).to_owned()).chain(SQS_EVENTS.iter().map(|(name, _)| (*name).to_owned())).collect();
+    let mut listed: Vec<String> = EXPECTED
+        .iter()
+        .map(|(name, _)| (*name).to_owned())
+        .chain(SQS_EVENTS.iter().map(|(name, _)| (*name).to_owned()))
+        .chain(SNS_EVENTS.iter().map(|(name, ..)| (*name).to_owned()))
+        .collect();
     listed.sort();
     assert_eq!(files, listed);
 }
@@ -267,4 +345,110 @@ async fn sqs_events_report_exactly_their_bad_messages_from_the_scheduler_handler
         assert!(wire["batchItemFailures"].is_array(), "{name}: the Lambda response shape");
     }
     assert!(mailer.sent().is_empty());
+}
+
+/// The SES notification an SNS event's record carries, if its message is one (JSON with a
+/// `mail` object).
+fn ses_notification(record: &Value) -> Option<Value> {
+    let notification: Value = serde_json::from_str(record["Sns"]["Message"].as_str()?).ok()?;
+    notification["mail"].is_object().then_some(notification)
+}
+
+#[test]
+fn sns_events_are_lambda_sns_records_whose_ses_notifications_name_the_created_prospect_at_its_address() {
+    let created: Value = serde_json::from_str(&std::fs::read_to_string(events_dir().join("post-prospect-created.json")).unwrap()).unwrap();
+    let body: Value = serde_json::from_str(created["body"].as_str().unwrap()).unwrap();
+    let address = NormalizedEmail::parse(body["email"].as_str().unwrap()).unwrap();
+    let mut notifications = 0;
+    for (name, ..) in SNS_EVENTS {
+        let event: Value = serde_json::from_str(&std::fs::read_to_string(events_dir().join(format!("{name}.json"))).unwrap()).unwrap();
+        let records = event["Records"].as_array().unwrap_or_else(|| panic!("{name}: Records"));
+        assert!(!records.is_empty(), "{name}");
+        for record in records {
+            assert_eq!(record["EventSource"], "aws:sns", "{name}");
+            // The fields of the record Lambda hands a function subscribed to a topic (the
+            // certificate and unsubscribe URLs spelled as there, not as in an HTTPS delivery).
+            let sns = record["Sns"].as_object().unwrap_or_else(|| panic!("{name}: Sns"));
+            for field in [
+                "Type",
+                "MessageId",
+                "TopicArn",
+                "Subject",
+                "Message",
+                "Timestamp",
+                "SignatureVersion",
+                "Signature",
+                "SigningCertUrl",
+                "UnsubscribeUrl",
+                "MessageAttributes",
+            ] {
+                assert!(sns.contains_key(field), "{name}: Sns.{field}");
+            }
+            assert_eq!(sns["Type"], "Notification", "{name}");
+            let Some(notification) = ses_notification(record) else { continue };
+            notifications += 1;
+            let mail = &notification["mail"];
+            let tags = &mail["tags"];
+            for (tag, value) in [
+                ("cadenhq-account", CREATED_ACCOUNT_ID),
+                ("cadenhq-prospect", CREATED_PROSPECT_ID),
+                ("cadenhq-enrollment", CREATED_ENROLLMENT_ID),
+                ("cadenhq-step", "0"),
+            ] {
+                assert_eq!(tags[tag], serde_json::json!([value]), "{name}: mail.tags.{tag}");
+            }
+            let mut recipients: Vec<&Value> = mail["destination"].as_array().into_iter().flatten().collect();
+            let parts = [
+                ("bounce", "bouncedRecipients", Some("emailAddress")),
+                ("complaint", "complainedRecipients", Some("emailAddress")),
+                ("delivery", "recipients", None),
+            ];
+            for (part, list, field) in parts {
+                for recipient in notification[part][list].as_array().into_iter().flatten() {
+                    recipients.push(field.map_or(recipient, |f| &recipient[f]));
+                }
+            }
+            assert!(!recipients.is_empty(), "{name}: a recipient");
+            for recipient in recipients {
+                let parsed = NormalizedEmail::parse(recipient.as_str().unwrap_or_default());
+                let recipient = parsed.unwrap_or_else(|e| panic!("{name}: {recipient}: {e:?}"));
+                assert_eq!(recipient.as_str(), address.as_str(), "{name}: the created prospect's address");
+            }
+        }
+    }
+    assert_eq!(notifications, SNS_EVENTS.len() - 1, "every SNS event but one carries an SES notification");
+}
+
+#[tokio::test]
+async fn sns_events_apply_their_feedback_to_the_prospect_they_name_through_the_feedback_handler() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let backend = Backend::from_embedded(&store);
+    let account = admin::create_account(backend.admin.as_ref(), "Events", &SystemClock).await.unwrap();
+    let key = ApiKey::from_raw(EVENTS_KEY);
+    backend.admin.create_key(&ApiKeyRecord::new(&key, account.id, None, time::OffsetDateTime::now_utc())).await.unwrap();
+    let campaign = CampaignDefinition::parse(crate::helpers::CAMPAIGN_FILE).unwrap();
+    admin::create_campaign(backend.admin.as_ref(), account.id, campaign, true, &SystemClock).await.unwrap();
+    let raw = std::fs::read_to_string(events_dir().join("post-prospect-created.json")).unwrap();
+    let post_function = router(backend.service(Arc::new(SystemClock)), Routes::Upsert);
+    let response = post_function.oneshot(lambda_http::request::from_str(&raw).unwrap()).await.unwrap();
+    assert_eq!(response.status(), 201);
+    let prospect = created_prospect(backend.repo.as_ref(), account.id).await;
+    let feedback = backend.feedback_service(Arc::new(SystemClock));
+
+    for (name, outcomes, change) in SNS_EVENTS {
+        // Each from a `new` prospect: what the one event does, whatever ran before it.
+        let now = time::OffsetDateTime::now_utc();
+        backend.repo.set_status(account.id, &ProspectRef::Id(prospect.id), ProspectStatus::New, StatusReason::Api, now).await.unwrap();
+        let before = created_prospect(backend.repo.as_ref(), account.id).await;
+        let raw = std::fs::read_to_string(events_dir().join(format!("{name}.json"))).unwrap();
+        let event: SnsEvent = serde_json::from_str(&with_created_references(&raw, &prospect)).unwrap_or_else(|e| panic!("{name}: {e}"));
+
+        let applied = handle_feedback(&feedback, event).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+
+        assert_eq!(applied, outcomes, "{name}");
+        let after = created_prospect(backend.repo.as_ref(), account.id).await;
+        assert_status_changes(name, &before, &after, change.as_slice());
+        assert_eq!(backend.sends.send_record(first_step(&prospect)).await.unwrap(), None, "{name}: no send record is made");
+    }
 }

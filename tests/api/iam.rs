@@ -12,10 +12,13 @@
 //! - [`ADAPTER_PARTITIONS`]: for an action a function is granted on some partitions of the table
 //!   only (a `dynamodb:LeadingKeys` condition), the partitions each port method's requests of
 //!   that action name.
+//! - [`DEAD_LETTER_QUEUE_ACTIONS`]: what Lambda does with the role of a function SNS invokes
+//!   when an invocation has failed for the last time.
 //!
 //! `template_iam_actions_are_exactly_what_each_function_can_call` compares the template (inline
-//! policy statements, and what SAM adds for each event: nothing on the role for `HttpApi`; a
-//! managed policy on every queue for `SQS`, which it refuses) with the tables, and checks every
+//! policy statements, and what SAM adds for each event: nothing on the role for `HttpApi` or
+//! `SNS`; a managed policy on every queue for `SQS`, which it refuses; and for a
+//! `DeadLetterQueue`, `sqs:SendMessage` on that queue) with the tables, and checks every
 //! statement's resource; a statement's condition may only be a `dynamodb:LeadingKeys` one,
 //! whose partitions must be exactly those the function's rows name for its actions.
 //! `each_function_calls_only_and_all_of_the_actions_its_rows_list` runs each function's wiring
@@ -40,15 +43,18 @@ use serde_json::json;
 use serde_norway::Value;
 use shared::adapters::dynamodb::DynamoStore;
 use shared::adapters::ses::SesMailer;
+use shared::adapters::sns::handle_feedback;
 use shared::adapters::sqs::SqsQueue;
 use shared::admin;
 use shared::backend::Backend;
-use shared::domain::{CampaignDefinition, SystemClock};
+use shared::domain::{CampaignDefinition, Clock, EmailReference, ProspectStatus, SendKey, SendState, SystemClock};
+use shared::feedback::FeedbackOutcome;
 use shared::http::{router, Routes, KEY_HEADER};
 use shared::ports::{Mailer, ProspectRef};
 use shared::adapters::sqs::handle_batch;
 use shared::scheduler::{DeliverySettings, Scheduler};
 
+use crate::feedback::{bounce, ses_notification, Naming};
 use crate::helpers::{create_queues, create_table, emulator_sdk_config, test_secret, MailFault, ModelSqsDelays, RecordingMailer, CAMPAIGN_FILE};
 use crate::template::{resource, template};
 
@@ -81,10 +87,20 @@ const ADAPTER_ACTIONS: &[(&str, &[&str])] = &[
     // One transaction: condition checks on the prospect and the campaign, the claim's Put;
     // GetItem when a failed condition does not return the old record.
     ("SendLog::claim_send", &["dynamodb:ConditionCheckItem", "dynamodb:PutItem", "dynamodb:GetItem"]),
-    // A conditional UpdateItem of the send record.
-    ("SendLog::record_send", &["dynamodb:UpdateItem"]),
+    // One transaction: the conditional Update of the send record and the prospect's progress;
+    // for a `sent` one, the Put of the provider's message id's item.
+    ("SendLog::record_send", &["dynamodb:UpdateItem", "dynamodb:PutItem"]),
     ("SendLog::send_record", &["dynamodb:GetItem"]),
     ("AdminStore::get_campaign", &["dynamodb:GetItem"]),
+    // The prospect and step an SES message id was sent for: a GetItem.
+    ("FeedbackLog::sent_email", &["dynamodb:GetItem"]),
+    // A bounce or complaint: one transaction, the Put of what was applied and the prospect's
+    // status Update. A transient bounce: the GetItem of the address's recent ones, then one
+    // transaction: the same Put, the prospect's ConditionCheck (or its status Update, at the
+    // limit) and the Put of the recent ones.
+    ("FeedbackLog::apply_feedback", &["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:ConditionCheckItem"]),
+    // A conditional UpdateItem of the send record.
+    ("FeedbackLog::record_delivery", &["dynamodb:UpdateItem"]),
     // SqsQueue (shared/src/adapters/sqs.rs): SendMessage, SendMessageBatch.
     ("JobQueue::publish", &["sqs:SendMessage"]),
     ("JobQueue::publish_batch", &["sqs:SendMessage"]),
@@ -106,11 +122,30 @@ const ADAPTER_PARTITIONS: &[(&str, &str, &[&str])] = &[
     ("ProspectRepository::erase", "dynamodb:DeleteItem", &["PROSPECT#", "PID#", "EXT#"]),
     // The erased address's suppression entry.
     ("ProspectRepository::erase", "dynamodb:PutItem", &["SUPPRESS#"]),
+    // The provider's message id's item, written with the `sent` send record.
+    ("FeedbackLog::sent_email", "dynamodb:GetItem", &["MSG#"]),
+    // The address's recent transient bounces.
+    ("FeedbackLog::apply_feedback", "dynamodb:GetItem", &["BOUNCES#"]),
+    // What was applied (once per notification and address), and the recent transient bounces.
+    ("FeedbackLog::apply_feedback", "dynamodb:PutItem", &["FEEDBACK#", "BOUNCES#"]),
+    // The prospect item: its status write, or the check that it is the prospect named.
+    ("FeedbackLog::apply_feedback", "dynamodb:UpdateItem", &["PROSPECT#"]),
+    ("FeedbackLog::apply_feedback", "dynamodb:ConditionCheckItem", &["PROSPECT#"]),
+    // The send record.
+    ("FeedbackLog::record_delivery", "dynamodb:UpdateItem", &["SEND#"]),
 ];
 
 /// What Lambda's SQS event source mapping does with the function's role, on its queue
 /// (AWS Lambda Developer Guide, "Using Lambda with Amazon SQS": execution role permissions).
 const SQS_EVENT_SOURCE_ACTIONS: &[&str] = &["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"];
+
+/// What Lambda does with the role of a function invoked asynchronously (by an SNS event) when
+/// an invocation has failed its last attempt: it sends the event to the function's dead-letter
+/// queue (AWS Lambda Developer Guide, "Asynchronous invocation": dead-letter queues). SAM grants
+/// exactly this, on that queue only, for a function's `DeadLetterQueue` (its
+/// `DeadLetterQueuePolicy`): an SNS function without one misses it, and one with a queue but no
+/// asynchronous event has it extra.
+const DEAD_LETTER_QUEUE_ACTIONS: &[&str] = &["sqs:SendMessage"];
 
 /// The pieces of wiring a function's `main.rs` may use, as written there.
 const WIRING: &[&str] = &[
@@ -123,6 +158,7 @@ const WIRING: &[&str] = &[
     "unsubscribe_secret_from_aws",
     "SesMailer::from_sdk_config",
     "handle_batch",
+    "handle_feedback",
 ];
 
 /// A function: its `functions/` folder, what its `main.rs` wires, and the port methods that
@@ -194,6 +230,13 @@ const FUNCTIONS: &[Function] = &[
             "Mailer::send",
             "unsubscribe_secret_from_aws",
         ],
+    },
+    // SES notifications: a prospect found by tags or by SES's message id, its feedback applied,
+    // a delivery recorded on its send.
+    Function {
+        binary: "feedback",
+        wires: &["handle_feedback"],
+        calls: &["FeedbackLog::sent_email", "FeedbackLog::apply_feedback", "FeedbackLog::record_delivery"],
     },
 ];
 
@@ -457,10 +500,23 @@ fn template_iam_actions_are_exactly_what_each_function_can_call() {
                 granted.extend(actions);
             }
         }
+        let mut needed = actions_of(row.calls);
         for (name, event) in function["Properties"]["Events"].as_mapping().into_iter().flatten() {
             match event["Type"].as_str() {
                 // SAM adds a resource policy letting API Gateway invoke the function: nothing on its role.
                 Some("HttpApi") => {}
+                // SAM adds the topic's subscription and a resource policy letting SNS invoke the
+                // function for that topic: nothing on its role. SNS invokes it asynchronously:
+                // an event that fails its last attempt is sent to the function's dead-letter
+                // queue, with its role.
+                Some("SNS") => {
+                    assert_eq!(
+                        reference(&event["Properties"]["Topic"]),
+                        Some(("Ref".into(), "FeedbackTopic".into())),
+                        "{logical_id} {name:?}: the topic SES publishes to"
+                    );
+                    needed.extend(DEAD_LETTER_QUEUE_ACTIONS.iter().map(|a| (*a).to_owned()));
+                }
                 Some("SQS") => panic!(
                     "{logical_id} {name:?}: SAM's SQS event attaches AWSLambdaSQSQueueExecutionRole, on every queue; \
                      use an AWS::Lambda::EventSourceMapping and grant its actions on the queue"
@@ -468,8 +524,17 @@ fn template_iam_actions_are_exactly_what_each_function_can_call() {
                 other => panic!("{logical_id} {name:?}: what SAM grants for a {other:?} event is not known to this test"),
             }
         }
-
-        let mut needed = actions_of(row.calls);
+        let dead_letter = &function["Properties"]["DeadLetterQueue"];
+        if !dead_letter.is_null() {
+            assert_eq!(dead_letter["Type"].as_str(), Some("SQS"), "{logical_id}: DeadLetterQueue");
+            let target = reference(&dead_letter["TargetArn"]);
+            let queue = target.as_ref().and_then(|(tag, target)| (tag == "GetAtt").then(|| target.strip_suffix(".Arn")).flatten());
+            let queue = queue.unwrap_or_else(|| panic!("{logical_id}: DeadLetterQueue.TargetArn is not !GetAtt Queue.Arn: {target:?}"));
+            assert_eq!(resource(queue)["Type"].as_str(), Some("AWS::SQS::Queue"), "{logical_id}: {queue}");
+            assert_ne!(queue, "CampaignJobsQueue", "{logical_id}: failed events are not campaign jobs");
+            // SAM's DeadLetterQueuePolicy, on that queue only.
+            granted.extend(DEAD_LETTER_QUEUE_ACTIONS.iter().map(|a| (*a).to_owned()));
+        }
         for mapping in event_source_mappings(logical_id) {
             assert_eq!(reference(&mapping["EventSourceArn"]), Some(("GetAtt".into(), "CampaignJobsQueue.Arn".into())), "{logical_id}");
             needed.extend(SQS_EVENT_SOURCE_ACTIONS.iter().map(|a| (*a).to_owned()));
@@ -528,6 +593,34 @@ fn the_erase_function_can_delete_only_a_prospect_and_its_pointers_and_put_only_a
     assert_eq!(scoped("dynamodb:PutItem"), ["SUPPRESS#"]);
     assert_eq!(scoped("dynamodb:UpdateItem"), ["KEY#", "RATE#"]);
     assert_eq!(grants.len(), 4, "GetItem, DeleteItem, PutItem and UpdateItem only: {grants:?}");
+}
+
+#[test]
+fn the_feedback_function_reads_writes_and_checks_only_the_partitions_feedback_touches() {
+    let grants = table_grants("FeedbackFunction");
+    let scoped = |action: &str| -> Vec<String> {
+        let scope = grants.get(action).unwrap_or_else(|| panic!("FeedbackFunction is not granted {action}"));
+        let partitions = scope.as_ref().unwrap_or_else(|| panic!("{action} limited to some partitions by a dynamodb:LeadingKeys condition"));
+        partitions.iter().cloned().collect()
+    };
+    // No API key, campaign, idempotency record or pointer; no prospect read whole.
+    assert_eq!(scoped("dynamodb:GetItem"), ["BOUNCES#", "MSG#"]);
+    // Nothing but what was applied and the recent transient bounces is created or replaced.
+    assert_eq!(scoped("dynamodb:PutItem"), ["BOUNCES#", "FEEDBACK#"]);
+    assert_eq!(scoped("dynamodb:UpdateItem"), ["PROSPECT#", "SEND#"]);
+    assert_eq!(scoped("dynamodb:ConditionCheckItem"), ["PROSPECT#"]);
+    assert_eq!(grants.len(), 4, "GetItem, PutItem, UpdateItem and ConditionCheckItem only (no delete, query or scan): {grants:?}");
+
+    let function = resource("FeedbackFunction");
+    let events: Vec<&Value> = function["Properties"]["Events"].as_mapping().expect("Events").values().collect();
+    assert_eq!(events.len(), 1, "one trigger");
+    assert_eq!(events[0]["Type"].as_str(), Some("SNS"));
+    let dead_letter = &function["Properties"]["DeadLetterQueue"];
+    let target = reference(&dead_letter["TargetArn"]);
+    assert_eq!(target, Some(("GetAtt".into(), "FeedbackDeadLetterQueue.Arn".into())), "what failed three times is kept");
+    let queue = &resource("FeedbackDeadLetterQueue")["Properties"];
+    assert_eq!(queue["SqsManagedSseEnabled"].as_bool(), Some(true), "SES notifications carry addresses: encrypted at rest");
+    assert_eq!(queue["MessageRetentionPeriod"].as_u64(), Some(1_209_600), "kept 14 days");
 }
 
 #[test]
@@ -793,6 +886,49 @@ async fn each_function_calls_only_and_all_of_the_actions_its_rows_list() {
     assert!(!follow_ups.is_empty(), "next steps and the retry were published");
     handle_batch(&through_recording, event(&follow_ups[0..1])).await;
     recorded.insert("scheduler", seen.take());
+
+    // feedback: SES notifications about a prospect whose first step was sent: a delivery and a
+    // transient bounce found by their tags, a complaint found by SES's message id alone, a
+    // permanent bounce, and what is ignored (a Send event, a message that is not one).
+    let mut sent = None;
+    for email in ["s1@example.com", "s2@example.com", "s3@example.com", "s4@example.com"] {
+        let p = backend.repo.find(account.id, &crate::helpers::by_email(email)).await.unwrap().expect("a prospect");
+        let send = SendKey { enrollment: p.enrollments[0].id, step: 0 };
+        if let Some(SendState::Sent { message_id }) = backend.sends.send_record(send).await.unwrap().map(|r| r.state) {
+            sent = Some((email, EmailReference { account: account.id, prospect: p.id, send }, message_id));
+            break;
+        }
+    }
+    let (email, reference, message_id) = sent.expect("a first step sent");
+    seen.take();
+    let now = SystemClock.now();
+    let notifications = [
+        ses_notification(Naming::Tags(&reference), "Delivery", &message_id, email, now, json!({"smtpResponse": "250 2.0.0 OK"})),
+        ses_notification(Naming::Tags(&reference), "Bounce", &message_id, email, now, bounce("iam-fb-1", "Transient", "4.2.2")),
+        ses_notification(Naming::MessageId, "Complaint", &message_id, email, now, json!({"feedbackId": "iam-fb-2"})),
+        ses_notification(Naming::Tags(&reference), "Bounce", &message_id, email, now, bounce("iam-fb-3", "Permanent", "5.1.1")),
+        json!({"eventType": "Send", "send": {}, "mail": {"messageId": message_id}}).to_string(),
+        "Successfully validated SNS topic for Amazon SES event publishing.".to_owned(),
+    ];
+    let mut event = aws_lambda_events::event::sns::SnsEvent::default();
+    for (n, notification) in notifications.into_iter().enumerate() {
+        let mut record = aws_lambda_events::event::sns::SnsRecord::default();
+        record.event_source = "aws:sns".into();
+        record.sns.message_id = format!("iam-{n}");
+        record.sns.message = notification;
+        event.records.push(record);
+    }
+    let outcomes = handle_feedback(&backend.feedback_service(Arc::new(SystemClock)), event).await.expect("applied");
+    assert_eq!(
+        outcomes,
+        [
+            FeedbackOutcome::Recorded,
+            FeedbackOutcome::Applied(None),
+            FeedbackOutcome::Applied(Some(ProspectStatus::Unsubscribed)),
+            FeedbackOutcome::Applied(Some(ProspectStatus::Bounced)),
+        ]
+    );
+    recorded.insert("feedback", seen.take());
 
     // prospects-erase (last: it removes prospects the others use): by id a prospect without an
     // external_id, by external_id one with both pointers, the first again (erased already) and

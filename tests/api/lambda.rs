@@ -1,12 +1,13 @@
 //! The Lambda functions as AWS runs them: each built function binary started by
 //! `cadenhq invoke`, which plays the Lambda Runtime API, with the environment `template.yaml`
 //! gives it (values pointing at a fresh table, queue and secret in the emulator), fed every
-//! event in `events/` that belongs to it in one warm process (the GET and DELETE by id with the
-//! id of the prospect the POST event created in place of its placeholder; the DELETE events last,
-//! as they erase it). Also: a handler error is a Runtime API error report and not a crash, a
-//! function missing a variable its template sets fails at init naming it, and the variables
-//! each function's code reads are exactly the ones its template sets. The binaries are built
-//! beside `cadenhq` (`scripts/test` builds them first).
+//! event in `events/` that belongs to it in one warm process (the GET and DELETE by id, and the
+//! SES notifications, with the ids of the prospect the POST event created in place of their
+//! placeholders; the DELETE events last, as they erase it). Also: each SES notification's
+//! effect on the prospect it names, one invocation each; a handler error is a Runtime API
+//! error report and not a crash, a function missing a variable its template sets fails at init
+//! naming it, and the variables each function's code reads are exactly the ones its template
+//! sets. The binaries are built beside `cadenhq` (`scripts/test` builds them first).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,11 +20,12 @@ use shared::config::{
     DeliveryConfig, QueueConfig, TableConfig, PUBLIC_URL, QUEUE_URL, SENDER, SES_CONFIGURATION_SET, TABLE_NAME, UNSUBSCRIBE_SECRET_ARN,
     UNSUBSCRIBE_SECRET_FROM_AWS_VARS,
 };
-use shared::domain::{AccountId, ApiKey, ApiKeyRecord, CampaignDefinition, Prospect, SystemClock};
+use shared::domain::{AccountId, ApiKey, ApiKeyRecord, CampaignDefinition, Prospect, ProspectStatus, StatusReason, SystemClock};
+use shared::ports::ProspectRef;
 
 use crate::events::{
-    assert_erase_body, assert_erased, assert_read_body, created_prospect, is_erase, is_read, with_created_prospect, CREATED_PROSPECT_ID,
-    EXPECTED, SQS_EVENTS,
+    assert_erase_body, assert_erased, assert_read_body, assert_status_changes, created_prospect, first_step, is_erase, is_read,
+    with_created_references, CREATED_PROSPECT_ID, EXPECTED, SNS_EVENTS, SQS_EVENTS,
 };
 use crate::helpers::{create_queues, create_table, emulator_sdk_config, CAMPAIGN_FILE};
 
@@ -101,6 +103,10 @@ fn owner(event: &Value) -> &'static str {
     if event["Records"][0]["eventSource"] == "aws:sqs" {
         return "scheduler";
     }
+    // SNS spells its record's fields in PascalCase.
+    if event["Records"][0]["EventSource"] == "aws:sns" {
+        return "feedback";
+    }
     match event["routeKey"].as_str().unwrap_or_default().split_once(' ') {
         Some(("POST", "/api/v1/prospects")) => "prospects-post",
         Some(("PATCH", path)) if path.starts_with("/api/v1/prospects/") => "prospects-patch",
@@ -154,6 +160,18 @@ async fn emulated_environment() -> (BTreeMap<&'static str, String>, Backend, Acc
         (SES_CONFIGURATION_SET, configuration_set),
     ]);
     (values, backend, account.id)
+}
+
+/// The variables the template sets for `binary`, with their values from `values`.
+fn template_env<'a>(binary: &str, values: &'a BTreeMap<&'static str, String>) -> Vec<(&'static str, &'a str)> {
+    template_function(binary)
+        .variables
+        .iter()
+        .map(|v| {
+            let (name, value) = values.get_key_value(v.as_str()).unwrap_or_else(|| panic!("no test value for {v}"));
+            (*name, value.as_str())
+        })
+        .collect()
 }
 
 /// Runs `cadenhq invoke --json` on `binary` with `env` and `events`; returns the output and
@@ -221,33 +239,40 @@ enum Expected {
     Status(u16),
     /// The SQS message ids reported failed (events.rs `SQS_EVENTS`).
     Failures(&'static [&'static str]),
+    /// An SNS event: handled (no error, so no retry), with the status change it makes to a `new`
+    /// prospect, if any (events.rs `SNS_EVENTS`).
+    Feedback(Option<(ProspectStatus, StatusReason)>),
 }
 
 /// Every event `binary` owns, in the order events.rs runs them, with what it must get back.
 fn events_of(binary: &str) -> Vec<(&'static str, Expected)> {
     let http = EXPECTED.iter().map(|(name, status)| (*name, Expected::Status(*status)));
     let sqs = SQS_EVENTS.iter().map(|(name, ids)| (*name, Expected::Failures(ids)));
-    http.chain(sqs).filter(|(name, _)| owner(&read_event(name)) == binary).collect()
+    let sns = SNS_EVENTS.iter().map(|(name, _, change)| (*name, Expected::Feedback(*change)));
+    http.chain(sqs).chain(sns).filter(|(name, _)| owner(&read_event(name)) == binary).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_function_binary_answers_its_events_as_documented_from_one_warm_process() {
     let (values, backend, account) = emulated_environment().await;
-    // POST, then PATCH, then GET, then DELETE (which erases the prospect the others change and
-    // read): the events run in the order events.rs gives, against one table.
+    // POST, then PATCH, then GET, then the SES notifications, then DELETE (which erases the
+    // prospect the others change and read): the events run in the order events.rs gives,
+    // against one table.
+    let binaries = ["prospects-post", "prospects-patch", "prospects-read", "feedback", "prospects-erase", "unsubscribe", "scheduler"];
+    let mut all: Vec<String> = template_functions().into_iter().map(|f| f.binary).collect();
+    all.sort();
+    let mut run: Vec<&str> = binaries.to_vec();
+    run.sort_unstable();
+    assert_eq!(run, all, "every function of the template runs its events here");
     let mut erased = None;
-    for binary in ["prospects-post", "prospects-patch", "prospects-read", "prospects-erase", "unsubscribe", "scheduler"] {
+    for binary in binaries {
         let expected = events_of(binary);
         assert!(!expected.is_empty(), "{binary} has events");
-        let function = template_function(binary);
-        let env: Vec<(&str, &str)> = function
-            .variables
-            .iter()
-            .map(|v| (v.as_str(), values.get(v.as_str()).unwrap_or_else(|| panic!("no test value for {v}")).as_str()))
-            .collect();
-        // The GET events read (and the DELETE events erase) the prospect the POST event created,
-        // as the PATCH events left it; the ones by id get its id in a copy of the event.
-        let read = if matches!(binary, "prospects-read" | "prospects-erase") {
+        let env = template_env(binary, &values);
+        // The GET events read (and the SES notifications name, and the DELETE events erase) the
+        // prospect the POST event created, as the PATCH events left it; the ones naming it get
+        // its ids in a copy of the event.
+        let read = if matches!(binary, "prospects-read" | "feedback" | "prospects-erase") {
             Some(created_prospect(backend.repo.as_ref(), account).await)
         } else {
             None
@@ -260,7 +285,7 @@ async fn every_function_binary_answers_its_events_as_documented_from_one_warm_pr
                 match &read {
                     Some(prospect) if raw.contains(CREATED_PROSPECT_ID) => {
                         let copy = copies.path().join(format!("{name}.json"));
-                        std::fs::write(&copy, with_created_prospect(&raw, prospect.id)).unwrap();
+                        std::fs::write(&copy, with_created_references(&raw, prospect)).unwrap();
                         copy
                     }
                     _ => event_path(name),
@@ -283,7 +308,16 @@ async fn every_function_binary_answers_its_events_as_documented_from_one_warm_pr
                     let ids: Vec<&str> = failures.iter().filter_map(|f| f["itemIdentifier"].as_str()).collect();
                     assert_eq!(ids, *bad_ids, "{name}");
                 }
+                Expected::Feedback(_) => assert!(answer["payload"].is_null(), "{name}: {answer}"),
             }
+        }
+        if binary == "feedback" {
+            // One after the other on the prospect as the PATCH events left it: exactly the
+            // changes of the events that make one, in order.
+            let changes: Vec<_> = expected.iter().filter_map(|(_, e)| if let Expected::Feedback(change) = e { *change } else { None }).collect();
+            let before = read.as_ref().expect("the prospect the SES notifications name");
+            let after = created_prospect(backend.repo.as_ref(), account).await;
+            assert_status_changes(binary, before, &after, &changes);
         }
         let summary = summary(&lines);
         assert_eq!(summary["starts"], 1, "{binary}: one process");
@@ -308,6 +342,58 @@ async fn every_function_binary_answers_its_events_as_documented_from_one_warm_pr
         .messages
         .unwrap_or_default();
     assert_eq!(queued.len(), 1, "the created prospect's first campaign job, published by the POST function");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_ses_notification_makes_its_change_to_the_new_prospect_it_names_and_a_store_failure_fails_the_invocation() {
+    let (values, backend, account) = emulated_environment().await;
+    let (output, lines) = invoke("prospects-post", &template_env("prospects-post", &values), &[event_path("post-prospect-created")], true);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(lines[0]["payload"]["statusCode"], 201, "{}", lines[0]);
+    let prospect = created_prospect(backend.repo.as_ref(), account).await;
+    let address = prospect.email.as_str().to_owned();
+    let mut env = template_env("feedback", &values);
+    // Whatever is logged, the address a notification names is not.
+    env.push(("RUST_LOG", "trace"));
+    let copies = tempfile::tempdir().unwrap();
+    let copy_of = |name: &str| {
+        let copy = copies.path().join(format!("{name}.json"));
+        std::fs::write(&copy, with_created_references(&std::fs::read_to_string(event_path(name)).unwrap(), &prospect)).unwrap();
+        copy
+    };
+
+    for (name, _, change) in SNS_EVENTS {
+        // Each from a `new` prospect: what the one event does, whatever ran before it.
+        let now = time::OffsetDateTime::now_utc();
+        backend.repo.set_status(account, &ProspectRef::Id(prospect.id), ProspectStatus::New, StatusReason::Api, now).await.unwrap();
+        let before = created_prospect(backend.repo.as_ref(), account).await;
+
+        let (output, lines) = invoke("feedback", &env, &[copy_of(name)], true);
+
+        assert!(output.status.success(), "{name}: {}", stderr(&output));
+        assert_eq!(lines[0]["kind"], "response", "{name}: handled, not failed (so not run again): {}", lines[0]);
+        let after = created_prospect(backend.repo.as_ref(), account).await;
+        assert_status_changes(name, &before, &after, change.as_slice());
+        assert_eq!(backend.sends.send_record(first_step(&prospect)).await.unwrap(), None, "{name}: no send record is made");
+        assert!(!stderr(&output).to_lowercase().contains(&address), "{name}: the function's output carries the address");
+    }
+
+    // The table is not there: the notification is not applied, and the invocation fails, so
+    // Lambda runs it again; the next event (not one to apply) is handled by the same process.
+    let missing = [(TABLE_NAME, "lambda-no-such-table")];
+    let events = [copy_of("feedback-permanent-bounce"), event_path("feedback-not-an-ses-notification")];
+    let (output, lines) = invoke("feedback", &missing, &events, false);
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(lines[0]["kind"], "error", "{}", lines[0]);
+    let report = &lines[0]["payload"];
+    assert_eq!(report["errorType"], "StoreError", "{report}");
+    // The cause, for the dead-letter queue's message and the log.
+    let message = report["errorMessage"].as_str().unwrap_or_default();
+    assert!(message.starts_with("backend failure: ") && message.contains("ResourceNotFound"), "{report}");
+    let logs = stderr(&output);
+    assert!(logs.lines().any(|l| l.contains(r#""level":"ERROR""#) && l.contains("ResourceNotFound")), "the failure is logged: {logs}");
+    assert_eq!(lines[1]["kind"], "response", "{}", lines[1]);
 }
 
 #[test]

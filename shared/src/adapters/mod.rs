@@ -5,6 +5,7 @@ pub mod dynamodb;
 pub mod local_rate_limit;
 pub mod ses;
 pub mod smtp;
+pub mod sns;
 mod record;
 pub mod sqlite;
 pub mod sqs;
