@@ -240,16 +240,23 @@ fn the_delete_events_run_after_every_other_event_about_a_prospect() {
     assert!(last_other < first_erase, "{} runs after {}, which erases the prospect", EXPECTED[last_other].0, EXPECTED[first_erase].0);
 }
 
-#[tokio::test]
-async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).unwrap();
+/// An embedded store in `dir` with what the events name: an account, the events' key and a
+/// default campaign.
+async fn events_backend(dir: &std::path::Path) -> (SqliteStore, Backend, shared::domain::Account) {
+    let store = SqliteStore::open(dir).unwrap();
     let backend = Backend::from_embedded(&store);
     let account = admin::create_account(backend.admin.as_ref(), "Events", &SystemClock).await.unwrap();
     let key = ApiKey::from_raw(EVENTS_KEY);
     backend.admin.create_key(&ApiKeyRecord::new(&key, account.id, None, time::OffsetDateTime::now_utc())).await.unwrap();
     let campaign = CampaignDefinition::parse(crate::helpers::CAMPAIGN_FILE).unwrap();
     admin::create_campaign(backend.admin.as_ref(), account.id, campaign, true, &SystemClock).await.unwrap();
+    (store, backend, account)
+}
+
+#[tokio::test]
+async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, backend, account) = events_backend(dir.path()).await;
     let service = backend.service(Arc::new(SystemClock)).with_unsubscribe_secret(test_secret());
     let post_function = router(service.clone(), Routes::Upsert);
     let patch_function = router(service.clone(), Routes::Status);
@@ -422,13 +429,7 @@ fn sns_events_are_lambda_sns_records_whose_ses_notifications_name_the_created_pr
 #[tokio::test]
 async fn sns_events_apply_their_feedback_to_the_prospect_they_name_through_the_feedback_handler() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).unwrap();
-    let backend = Backend::from_embedded(&store);
-    let account = admin::create_account(backend.admin.as_ref(), "Events", &SystemClock).await.unwrap();
-    let key = ApiKey::from_raw(EVENTS_KEY);
-    backend.admin.create_key(&ApiKeyRecord::new(&key, account.id, None, time::OffsetDateTime::now_utc())).await.unwrap();
-    let campaign = CampaignDefinition::parse(crate::helpers::CAMPAIGN_FILE).unwrap();
-    admin::create_campaign(backend.admin.as_ref(), account.id, campaign, true, &SystemClock).await.unwrap();
+    let (_store, backend, account) = events_backend(dir.path()).await;
     let raw = std::fs::read_to_string(events_dir().join("post-prospect-created.json")).unwrap();
     let post_function = router(backend.service(Arc::new(SystemClock)), Routes::Upsert);
     let response = post_function.oneshot(lambda_http::request::from_str(&raw).unwrap()).await.unwrap();

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::prospects::StatusWrite;
-use super::{get_n, get_s, key, n, prospect_pk, s, sdk_error, DynamoStore, Item};
+use super::{get_n, get_s, key, n, prospect_pk, s, sdk_error, updated, DynamoStore, Item};
 use crate::adapters::record::{parse_rfc3339, rfc3339};
 use crate::domain::{
     transient_bounces_exhausted, AccountId, EmailReference, EnrollmentId, ProspectId, ProspectStatus, SendKey, StatusReason,
@@ -214,10 +214,6 @@ impl FeedbackLog for DynamoStore {
             .expression_attribute_values(":sent", s("sent"))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => Ok(false),
-            Err(e) => Err(sdk_error(e)),
-        }
+        updated(result)
     }
 }

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use super::feedback::message_item;
 use super::prospects::progress_attribute;
-use super::{campaign_pk, get_n, get_s, key, n, prospect_pk, s, sdk_error, DynamoStore, Item};
+use super::{campaign_pk, get_n, get_s, key, n, prospect_pk, s, sdk_error, updated, DynamoStore, Item};
 use crate::adapters::record::{rfc3339, to_json};
 use crate::domain::{CampaignId, ClaimOwner, EmailReference, EnrollmentId, ProspectStatus, SendKey, SendRecord, SendState, SendTally, StepProgress};
 use crate::ports::{ClaimRequest, ClaimResult, ProspectKey, SendLog, StoreError};
@@ -236,11 +236,7 @@ impl SendLog for DynamoStore {
             .set_expression_attribute_values(record.expression_attribute_values)
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => Ok(false),
-            Err(e) => Err(sdk_error(e)),
-        }
+        updated(result)
     }
 
     async fn send_record(&self, key: SendKey) -> Result<Option<SendRecord>, StoreError> {
