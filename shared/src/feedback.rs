@@ -79,14 +79,17 @@ impl FeedbackService {
     /// Storage errors.
     #[instrument(level = "debug", skip_all, fields(kind = feedback.kind.as_str()))]
     pub async fn apply(&self, feedback: &Feedback) -> Result<FeedbackOutcome, StoreError> {
+        let unmatched = || {
+            info!(kind = feedback.kind.as_str(), "feedback that names no email of ours: nothing changed");
+            Ok(FeedbackOutcome::Unmatched)
+        };
+        // The address first: a recipient that is not one costs no lookup.
+        let Ok(email) = NormalizedEmail::parse(&feedback.recipient) else { return unmatched() };
         let reference = match feedback.reference {
             Some(r) => Some(r),
             None => self.log.sent_email(&feedback.provider_message_id).await?,
         };
-        let (Some(reference), Ok(email)) = (reference, NormalizedEmail::parse(&feedback.recipient)) else {
-            info!(kind = feedback.kind.as_str(), "feedback that names no email of ours: nothing changed");
-            return Ok(FeedbackOutcome::Unmatched);
-        };
+        let Some(reference) = reference else { return unmatched() };
         let change = match feedback.kind.effect() {
             Effect::Bounced => FeedbackChange::Status(ProspectStatus::Bounced, StatusReason::Bounce),
             Effect::Complained => FeedbackChange::Status(ProspectStatus::Unsubscribed, StatusReason::Complaint),

@@ -5,14 +5,12 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, TransactWriteItem, Update};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::prospects::StatusWrite;
-use super::{get_n, get_s, key, n, prospect_pk, s, sdk_error, updated, DynamoStore, Item};
+use super::{cancellation_code, get_n, get_s, key, n, prospect_pk, s, sdk_error, updated, DynamoStore, Item};
 use crate::adapters::record::{parse_rfc3339, rfc3339};
 use crate::domain::{
     transient_bounces_exhausted, AccountId, EmailReference, EnrollmentId, ProspectId, ProspectStatus, SendKey, StatusReason,
@@ -52,17 +50,6 @@ pub(super) fn message_item(provider_message_id: &str, reference: &EmailReference
         ("expires_at".to_owned(), n(expires_at)),
     ]);
     item
-}
-
-/// The cancellation code of the transaction's item `i`, if it was cancelled.
-fn cancellation(e: &SdkError<TransactWriteItemsError, aws_sdk_dynamodb::config::http::HttpResponse>, i: usize) -> Option<String> {
-    match e {
-        SdkError::ServiceError(se) => match se.err() {
-            TransactWriteItemsError::TransactionCanceledException(tc) => tc.cancellation_reasons().get(i).and_then(|r| r.code()).map(str::to_owned),
-            _ => None,
-        },
-        _ => None,
-    }
 }
 
 impl DynamoStore {
@@ -116,7 +103,7 @@ impl DynamoStore {
     /// prospect's write or check. `None`: another write met this one (try again).
     async fn feedback_transaction(&self, items: Vec<TransactWriteItem>, applied: FeedbackApplied) -> Result<Option<FeedbackApplied>, StoreError> {
         let Err(e) = self.client.transact_write_items().set_transact_items(Some(items)).send().await else { return Ok(Some(applied)) };
-        let codes: Vec<Option<String>> = (0..3).map(|i| cancellation(&e, i)).collect();
+        let codes: Vec<Option<String>> = (0..3).map(|i| cancellation_code(&e, i)).collect();
         if codes[0].as_deref() == Some("ConditionalCheckFailed") {
             return Ok(Some(FeedbackApplied::Duplicate));
         }

@@ -78,6 +78,23 @@ where
     }
 }
 
+/// The cancellation code of item `i` of a cancelled transaction (`ConditionalCheckFailed`,
+/// `TransactionConflict`, ...), if it was cancelled.
+fn cancellation_code(
+    e: &SdkError<aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError, aws_sdk_dynamodb::config::http::HttpResponse>,
+    i: usize,
+) -> Option<String> {
+    match e {
+        SdkError::ServiceError(se) => match se.err() {
+            aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(tc) => {
+                tc.cancellation_reasons().get(i).and_then(|r| r.code()).map(str::to_owned)
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// What a conditional `UpdateItem` did: `true` written, `false` its condition failed.
 fn updated<T>(
     result: Result<T, SdkError<aws_sdk_dynamodb::operation::update_item::UpdateItemError, aws_sdk_dynamodb::config::http::HttpResponse>>,

@@ -2,13 +2,12 @@
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{ConditionCheck, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update};
 use time::OffsetDateTime;
 
 use super::feedback::message_item;
 use super::prospects::progress_attribute;
-use super::{campaign_pk, get_n, get_s, key, n, prospect_pk, s, sdk_error, updated, DynamoStore, Item};
+use super::{cancellation_code, campaign_pk, get_n, get_s, key, n, prospect_pk, s, sdk_error, updated, DynamoStore, Item};
 use crate::adapters::record::{rfc3339, to_json};
 use crate::domain::{CampaignId, ClaimOwner, EmailReference, EnrollmentId, ProspectStatus, SendKey, SendRecord, SendState, SendTally, StepProgress};
 use crate::ports::{ClaimRequest, ClaimResult, ProspectKey, SendLog, StoreError};
@@ -199,25 +198,18 @@ impl SendLog for DynamoStore {
             let put = build(Put::builder().table_name(&self.table).set_item(Some(message_item(message_id, &reference, expires_at))).build())?;
             items.push(TransactWriteItem::builder().put(put).build());
         }
-        let reason = |e: &SdkError<TransactWriteItemsError, _>, i: usize| match e {
-            SdkError::ServiceError(se) => match se.err() {
-                TransactWriteItemsError::TransactionCanceledException(tc) => tc.cancellation_reasons().get(i).and_then(|r| r.code()).map(str::to_owned),
-                _ => None,
-            },
-            _ => None,
-        };
         // A write of the prospect item at the same moment (an upsert) cancels the transaction
         // with a conflict, not a failed condition: the outcome is known, so it is written again.
         let mut attempt = 0;
         let e = loop {
             let Err(e) = self.client.transact_write_items().set_transact_items(Some(items.clone())).send().await else { return Ok(true) };
-            let conflict = (0..items.len()).any(|i| reason(&e, i).as_deref() == Some("TransactionConflict"));
+            let conflict = (0..items.len()).any(|i| cancellation_code(&e, i).as_deref() == Some("TransactionConflict"));
             attempt += 1;
             if !conflict || attempt == 3 {
                 break e;
             }
         };
-        let failed = |i: usize| reason(&e, i).as_deref() == Some("ConditionalCheckFailed");
+        let failed = |i: usize| cancellation_code(&e, i).as_deref() == Some("ConditionalCheckFailed");
         if failed(0) {
             return Ok(false);
         }

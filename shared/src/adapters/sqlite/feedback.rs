@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
 use time::OffsetDateTime;
 
-use super::prospects::set_status_on;
+use super::prospects::{find_prospect, write_status};
 use super::{db_error, execute, query_row, unix_ms, SqliteStore};
 use crate::adapters::record::{parse_rfc3339, rfc3339};
 use crate::domain::{
@@ -13,9 +13,6 @@ use crate::domain::{
     TRANSIENT_BOUNCE_WINDOW,
 };
 use crate::ports::{FeedbackApplied, FeedbackChange, FeedbackLog, FeedbackWrite, ProspectRef, StoreError};
-
-/// The kind a transient bounce is recorded as ([`crate::domain::FeedbackKind::as_str`]).
-const TRANSIENT: &str = "transient_bounce";
 
 #[async_trait]
 impl FeedbackLog for SqliteStore {
@@ -48,12 +45,9 @@ impl FeedbackLog for SqliteStore {
         self.write(move |conn| {
             let key = &w.prospect;
             let (account, prospect) = (key.account.to_string(), key.prospect.to_string());
-            let stored: Option<String> = query_row(conn, "SELECT id FROM prospects WHERE account_id = ?1 AND email_hash = ?2", params![account, key.email_hash], |r| r.get(0))
-                .optional()
-                .map_err(db_error)?;
-            if stored.as_deref() != Some(prospect.as_str()) {
+            let Some(stored) = find_prospect(conn, key.account, &ProspectRef::EmailHash(key.email_hash.clone()))?.filter(|p| p.id == key.prospect) else {
                 return Ok(FeedbackApplied::Unmatched);
-            }
+            };
             let inserted = execute(
                 conn,
                 "INSERT OR IGNORE INTO feedback (feedback_id, email_hash, account_id, prospect_id, kind, at, at_ms, received_at)
@@ -72,7 +66,8 @@ impl FeedbackLog for SqliteStore {
                         .prepare_cached("SELECT at FROM feedback WHERE prospect_id = ?1 AND kind = ?2 AND at_ms > ?3")
                         .map_err(db_error)?;
                     let times = statement
-                        .query_map(params![prospect, TRANSIENT, since], |r| r.get::<_, String>(0))
+                        // This bounce's kind: the one every transient bounce is recorded as.
+                        .query_map(params![prospect, w.kind, since], |r| r.get::<_, String>(0))
                         .map_err(db_error)?
                         .map(|t| t.map_err(db_error).and_then(|t| parse_rfc3339(&t)))
                         .collect::<Result<Vec<OffsetDateTime>, _>>()?;
@@ -82,8 +77,8 @@ impl FeedbackLog for SqliteStore {
                     (ProspectStatus::Bounced, StatusReason::Bounce)
                 }
             };
-            let updated = set_status_on(conn, key.account, &ProspectRef::Id(key.prospect), status, reason, w.now)?;
-            Ok(FeedbackApplied::Applied(updated.map(|p| p.status)))
+            let updated = write_status(conn, stored, status, reason, w.now)?;
+            Ok(FeedbackApplied::Applied(Some(updated.status)))
         })
         .await
     }

@@ -93,7 +93,7 @@ fn read_progress(json: &str) -> Result<Vec<StepProgress>, StoreError> {
         .collect()
 }
 
-fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
+pub(super) fn find_prospect(conn: &Connection, account: AccountId, by: &ProspectRef) -> Result<Option<Prospect>, StoreError> {
     match by {
         ProspectRef::Id(id) => find_prospect_where(conn, select_prospect_by!("id"), account, &id.to_string()),
         ProspectRef::ExternalId(ext) => find_prospect_where(conn, select_prospect_by!("external_id"), account, ext.as_str()),
@@ -117,10 +117,9 @@ fn into_prospect((mut record, history, progress): ProspectRow) -> Result<Prospec
     record.into_prospect()
 }
 
-/// Sets a prospect's status: every status change (PATCH, unsubscribe link, the scheduler's
-/// bounce, providers' feedback) is this write. Read and updated on the write connection, in
-/// the group's transaction: nothing can change the prospect in between.
-pub(super) fn set_status_on(
+/// Sets a prospect's status, reading it first on the write connection, in the group's
+/// transaction: nothing can change the prospect in between.
+fn set_status_on(
     conn: &Connection,
     account: AccountId,
     by: &ProspectRef,
@@ -128,7 +127,13 @@ pub(super) fn set_status_on(
     reason: StatusReason,
     now: OffsetDateTime,
 ) -> Result<Option<Prospect>, StoreError> {
-    let Some(mut p) = find_prospect(conn, account, by)? else { return Ok(None) };
+    let Some(p) = find_prospect(conn, account, by)? else { return Ok(None) };
+    write_status(conn, p, status, reason, now).map(Some)
+}
+
+/// Sets the status of `p`, as read in this write: every status change (PATCH, unsubscribe
+/// link, the scheduler's bounce, providers' feedback) is this write.
+pub(super) fn write_status(conn: &Connection, mut p: Prospect, status: ProspectStatus, reason: StatusReason, now: OffsetDateTime) -> Result<Prospect, StoreError> {
     p.set_status(status, reason, now);
     p.version += 1;
     execute(
@@ -137,7 +142,7 @@ pub(super) fn set_status_on(
         params![p.id.to_string(), p.status.as_str(), p.ended_through, rfc3339(now), history_json(&p), millis(now)],
     )
     .map_err(db_error)?;
-    Ok(Some(p))
+    Ok(p)
 }
 
 /// Gives rows of earlier versions what the listing's indexes read: their creation and update
