@@ -15,7 +15,7 @@ use shared::ports::{ProspectRef, StoreError};
 use shared::scheduler::DeliverySettings;
 use shared::telemetry::error_chain as chain;
 
-use crate::args::{AccountsCommand, BackendKind, CampaignsCommand, Cli, Command, KeysCommand, OutboxCommand, PreviewSelector, ProspectsCommand};
+use crate::args::{AccountsCommand, BackendKind, CampaignsCommand, Cli, Command, IntegrationsCommand, KeysCommand, OutboxCommand, PreviewSelector, ProspectsCommand};
 use crate::output;
 use crate::serve::{serve, Serve};
 
@@ -145,6 +145,51 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             let text = accounts.iter().map(|(a, keys)| account_line(a, keys)).collect::<Vec<_>>().join("\n");
             let list: Vec<Value> = accounts.iter().map(|(a, keys)| account_json(a, keys)).collect();
             emit(j, &json!({ "accounts": list }), if accounts.is_empty() { "No accounts." } else { &text })?;
+        }
+        Command::Integrations(IntegrationsCommand::Create { account, provider, secret, public_url }) => {
+            let integration = admin::create_integration(store, backend.integrations.as_ref(), account, provider.into(), &secret, &clock).await?;
+            let base = public_url.as_deref().unwrap_or(crate::serve::DEFAULT_PUBLIC_URL).trim_end_matches('/');
+            let url = format!("{base}/webhooks/{}/{}", integration.provider, integration.id);
+            emit(
+                j,
+                &json!({ "endpoint_id": integration.id, "account_id": account, "provider": integration.provider, "url": url }),
+                &format!(
+                    "Created {} endpoint {} for account {account}\n\n    {url}\n\nPaste this URL into the provider's webhook settings.",
+                    integration.provider, integration.id
+                ),
+            )?;
+        }
+        Command::Integrations(IntegrationsCommand::List { account }) => {
+            let integrations = admin::list_integrations(store, backend.integrations.as_ref(), account).await?;
+            let text = integrations
+                .iter()
+                .map(|i| format!("{}  {:<8}  created {}  secret {}", i.id, i.provider.as_str(), rfc3339(i.created_at), i.secret.hint()))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let list: Vec<Value> = integrations
+                .iter()
+                .map(|i| json!({ "endpoint_id": i.id, "provider": i.provider, "created_at": rfc3339(i.created_at), "secret_hint": i.secret.hint() }))
+                .collect();
+            emit(j, &json!({ "account_id": account, "integrations": list }), if integrations.is_empty() { "No endpoints." } else { &text })?;
+        }
+        Command::Integrations(IntegrationsCommand::Delete { endpoint_id, account }) => {
+            if !backend.integrations.delete_integration(account, &endpoint_id).await? {
+                return Err(AppError::Usage(format!("account {account} has no endpoint {endpoint_id}")));
+            }
+            emit(j, &json!({ "endpoint_id": endpoint_id, "deleted": true }), &format!("Deleted endpoint {endpoint_id}"))?;
+        }
+        Command::Integrations(IntegrationsCommand::Events { account, limit }) => {
+            let events = admin::list_events(store, backend.integrations.as_ref(), account, limit).await?;
+            let text = events
+                .iter()
+                .map(|e| {
+                    let id = if e.event_id.is_empty() { "-" } else { &e.event_id };
+                    let kind = if e.event_type.is_empty() { "-" } else { &e.event_type };
+                    format!("{}  {:<8}  {:<9}  {kind}  {id}", rfc3339(e.received_at), e.provider.as_str(), e.outcome.as_str())
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            emit(j, &json!({ "account_id": account, "events": events }), if events.is_empty() { "No events received." } else { &text })?;
         }
         Command::Keys(KeysCommand::Create { account, label }) => {
             let (record, key) = admin::create_key(store, account, label, &clock).await?;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shared::config::{BACKEND, DATA_DIR, PUBLIC_URL};
-use shared::domain::{AccountId, CampaignId, KeyId, ProspectId};
+use shared::domain::{AccountId, CampaignId, EndpointId, KeyId, Provider, ProspectId};
 
 #[derive(Debug, Parser)]
 #[command(name = "cadenhq", version, about = "CadenHQ Prospects API: local server and admin commands", arg_required_else_help = true)]
@@ -51,6 +51,9 @@ pub enum Command {
     /// Inspect prospects.
     #[command(subcommand, arg_required_else_help = true)]
     Prospects(ProspectsCommand),
+    /// Webhook endpoints for Stripe, Resend and SendGrid, and the events received.
+    #[command(subcommand, arg_required_else_help = true)]
+    Integrations(IntegrationsCommand),
     /// Campaign emails stored by the embedded server's outbox mailer.
     #[command(subcommand, arg_required_else_help = true)]
     Outbox(OutboxCommand),
@@ -114,6 +117,64 @@ pub enum AccountsCommand {
     },
     /// List every account: id, name, created, keys.
     List,
+}
+
+/// The providers an account creates a webhook endpoint for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProviderArg {
+    Stripe,
+    Resend,
+    Sendgrid,
+}
+
+impl From<ProviderArg> for Provider {
+    fn from(p: ProviderArg) -> Self {
+        match p {
+            ProviderArg::Stripe => Self::Stripe,
+            ProviderArg::Resend => Self::Resend,
+            ProviderArg::Sendgrid => Self::Sendgrid,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IntegrationsCommand {
+    /// Create an endpoint; prints the URL to paste into the provider's webhook settings.
+    Create {
+        #[arg(long, value_name = "ID")]
+        account: AccountId,
+        #[arg(long, value_enum)]
+        provider: ProviderArg,
+        /// The provider's signing secret (Stripe and Resend: `whsec_...`); for SendGrid, the
+        /// public verification key its Event Webhook settings show.
+        #[arg(long, env = "CADENHQ_INTEGRATION_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Base URL the provider reaches this API at (default: http://127.0.0.1:3000, as
+        /// `serve`; on AWS, the stack's `ApiUrl` output).
+        #[arg(long, env = PUBLIC_URL)]
+        public_url: Option<String>,
+    },
+    /// List an account's endpoints (never their secrets).
+    List {
+        #[arg(long, value_name = "ID")]
+        account: AccountId,
+    },
+    /// Delete an endpoint: events sent to it are refused from then on.
+    Delete {
+        endpoint_id: EndpointId,
+        #[arg(long, value_name = "ID")]
+        account: AccountId,
+    },
+    /// The events received, newest first: provider, event id, type, when, outcome.
+    Events {
+        /// The account's events; without it, those of POST /webhooks/ses that named no
+        /// prospect of ours.
+        #[arg(long, value_name = "ID")]
+        account: Option<AccountId>,
+        /// How many, 1 to 1000.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]

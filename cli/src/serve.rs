@@ -15,7 +15,8 @@ use shared::admin::{self, Demo};
 use shared::backend::Backend;
 use shared::config::{aws_sdk_config, TableConfig, MAILER, QUEUE_URL, SENDER, SMTP_URL, UNSUBSCRIBE_SECRET};
 use shared::domain::{SystemClock, UnsubscribeSecret};
-use shared::http::{router, Routes, KEY_HEADER, PROSPECTS_PATH};
+use shared::adapters::sns_http::SnsVerifier;
+use shared::http::{router_with_webhooks, KEY_HEADER, PROSPECTS_PATH};
 use shared::ports::{Mailer, PullQueue};
 use shared::scheduler::{DeliverySettings, Scheduler};
 use tokio::sync::watch;
@@ -187,7 +188,8 @@ pub async fn serve(options: Serve<'_>) -> Result<(), AppError> {
     let mut _lock = None;
     let mut demo = None;
     let mut scheduler_task = None;
-    let (service, mailer) = if let Some(settings) = settings {
+    let sns = SnsVerifier::from_env().map_err(|e| usage(e.to_string()))?;
+    let (service, webhooks, mailer) = if let Some(settings) = settings {
         std::fs::create_dir_all(data_dir).map_err(|e| usage(format!("cannot create {}: {e}", data_dir.display())))?;
         _lock = Some(lock_data_dir(data_dir)?);
         let store = SqliteStore::open(data_dir)?;
@@ -198,16 +200,18 @@ pub async fn serve(options: Serve<'_>) -> Result<(), AppError> {
         };
         demo = admin::bootstrap_demo(backend.admin.as_ref(), &SystemClock).await?;
         let service = backend.service(Arc::new(SystemClock)).with_unsubscribe_secret(secret.clone());
+        let webhooks = backend.webhook_service(Arc::new(SystemClock), sns);
         let (name, banner) = (settings.mailer.name(), settings.mailer.banner());
         let ports = backend
             .scheduler_ports(settings.mailer.into_mailer(&store), Arc::new(SystemClock))
             .ok_or_else(|| usage("the embedded store has no queue"))?;
         let scheduler = Scheduler::new(ports, DeliverySettings { sender: settings.sender, public_url: public_url.clone(), unsubscribe_secret: secret });
         scheduler_task = Some(tokio::spawn(run_scheduler(scheduler, Arc::new(store.clone()), stop_rx.clone())));
-        (service, (name, banner))
+        (service, webhooks, (name, banner))
     } else {
         let backend = aws.ok_or_else(|| usage("no backend"))?;
-        (backend.service(Arc::new(SystemClock)), ("none", "Campaign emails are sent by the scheduler function on AWS, not by this process".to_owned()))
+        let webhooks = backend.webhook_service(Arc::new(SystemClock), sns);
+        (backend.service(Arc::new(SystemClock)), webhooks, ("none", "Campaign emails are sent by the scheduler function on AWS, not by this process".to_owned()))
     };
 
     let banner = if json {
@@ -237,7 +241,7 @@ pub async fn serve(options: Serve<'_>) -> Result<(), AppError> {
     let signal = shutdown_signal();
     let printed = output::line(banner);
 
-    let app = router(service, Routes::All);
+    let app = router_with_webhooks(service, webhooks);
     let mut stop = stop_rx;
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         // A reader that is gone before the banner (`serve | head -1` read less) stops the server.

@@ -1,8 +1,11 @@
-//! Administration: accounts, keys and campaigns, as the `cadenhq` commands manage them on
+//! Administration: accounts, keys, campaigns and webhook endpoints, as the `cadenhq` commands manage them on
 //! either backend.
 
-use crate::domain::{Account, AccountId, ApiKey, ApiKeyRecord, Campaign, CampaignDefinition, CampaignId, Clock, SendingChange};
-use crate::ports::{AdminStore, StoreError};
+use crate::domain::{
+    Account, AccountId, ApiKey, ApiKeyRecord, Campaign, CampaignDefinition, CampaignId, Clock, EndpointId, Integration, Provider, ReceivedEvent,
+    SendingChange, SigningSecret, EVENTS_LISTED_MAX,
+};
+use crate::ports::{AdminStore, IntegrationStore, StoreError};
 
 /// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]
@@ -173,4 +176,55 @@ pub async fn bootstrap_demo(store: &dyn AdminStore, clock: &dyn Clock) -> Result
     let campaign = create_campaign(store, account.id, definition, true, clock).await?;
     let (_, key) = create_key(store, account.id, Some("demo".into()), clock).await?;
     Ok(Some(Demo { account: Account { default_campaign_id: Some(campaign.id), ..account }, campaign, key }))
+}
+
+/// Creates a webhook endpoint of `account` for `provider`, with the provider's signing secret
+/// (for SendGrid, its public verification key).
+///
+/// # Errors
+/// [`AdminError::UnknownAccount`]; [`AdminError::Invalid`] for a secret not of the provider's
+/// shape (the message never repeats it); storage errors.
+pub async fn create_integration(
+    store: &dyn AdminStore,
+    integrations: &dyn IntegrationStore,
+    account: AccountId,
+    provider: Provider,
+    secret: &str,
+    clock: &dyn Clock,
+) -> Result<Integration, AdminError> {
+    existing_account(store, account).await?;
+    let secret = SigningSecret::parse(provider, secret).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    let integration = Integration { id: EndpointId::new(), account_id: account, provider, secret, created_at: clock.now() };
+    integrations.create_integration(&integration).await?;
+    Ok(integration)
+}
+
+/// An account's webhook endpoints.
+///
+/// # Errors
+/// [`AdminError::UnknownAccount`]; storage errors.
+pub async fn list_integrations(store: &dyn AdminStore, integrations: &dyn IntegrationStore, account: AccountId) -> Result<Vec<Integration>, AdminError> {
+    existing_account(store, account).await?;
+    Ok(integrations.list_integrations(account).await?)
+}
+
+/// The newest events received for `account` (with `None`: those of `POST /webhooks/ses` that
+/// named no account), newest first.
+///
+/// # Errors
+/// [`AdminError::UnknownAccount`]; [`AdminError::Invalid`] for a limit out of range; storage
+/// errors.
+pub async fn list_events(
+    store: &dyn AdminStore,
+    integrations: &dyn IntegrationStore,
+    account: Option<AccountId>,
+    limit: u32,
+) -> Result<Vec<ReceivedEvent>, AdminError> {
+    if let Some(account) = account {
+        existing_account(store, account).await?;
+    }
+    if !(1..=EVENTS_LISTED_MAX).contains(&limit) {
+        return Err(AdminError::Invalid(format!("the limit must be 1 to {EVENTS_LISTED_MAX}")));
+    }
+    Ok(integrations.list_events(account, limit).await?)
 }

@@ -11,7 +11,7 @@ use crate::adapters::sqs::SqsQueue;
 use crate::domain::{Clock, Prospect, SendKey, SendState};
 use crate::feedback::FeedbackService;
 use crate::ports::{
-    FeedbackLog,
+    FeedbackLog, IntegrationStore,
     AdminStore, IdempotencyStore, JobQueue, KeyStore, Mailer, ProspectRepository, PullQueue, RateLimiter, SendLog,
     StoreError,
 };
@@ -42,6 +42,7 @@ pub struct Backend {
     pub admin: Arc<dyn AdminStore>,
     pub sends: Arc<dyn SendLog>,
     pub feedback: Arc<dyn FeedbackLog>,
+    pub integrations: Arc<dyn IntegrationStore>,
     pub idempotency: Arc<dyn IdempotencyStore>,
     pub limiter: Arc<dyn RateLimiter>,
     pub key_cache_ttl: std::time::Duration,
@@ -99,6 +100,7 @@ impl Backend {
             admin: Arc::new(store.clone()),
             sends: Arc::new(store.clone()),
             feedback: Arc::new(store.clone()),
+            integrations: Arc::new(store.clone()),
             idempotency: Arc::new(store.clone()),
             limiter: Arc::new(LocalRateLimiter::default()),
             key_cache_ttl: std::time::Duration::ZERO,
@@ -126,6 +128,7 @@ impl Backend {
             admin: Arc::new(store.clone()),
             sends: Arc::new(store.clone()),
             feedback: Arc::new(store.clone()),
+            integrations: Arc::new(store.clone()),
             idempotency: Arc::new(store),
             limiter: Arc::new(DynamoRateLimiter::new(client, table)),
             key_cache_ttl: LAMBDA_KEY_CACHE_TTL,
@@ -155,6 +158,20 @@ impl Backend {
     #[must_use]
     pub fn feedback_service(&self, clock: Arc<dyn Clock>) -> FeedbackService {
         FeedbackService::new(Arc::clone(&self.feedback), clock)
+    }
+
+    /// The incoming-webhooks service over this backend, verifying SNS messages with `sns`.
+    #[must_use]
+    pub fn webhook_service(&self, clock: Arc<dyn Clock>, sns: crate::adapters::sns_http::SnsVerifier) -> crate::webhooks::WebhookService {
+        crate::webhooks::WebhookService::new(crate::webhooks::WebhookPorts {
+            integrations: Arc::clone(&self.integrations),
+            repo: Arc::clone(&self.repo),
+            prospects: self.service(Arc::clone(&clock)),
+            feedback: self.feedback_service(Arc::clone(&clock)),
+            limiter: Arc::clone(&self.limiter),
+            sns,
+            clock,
+        })
     }
 
     /// The prospects service over this backend.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tracing::{info, instrument, warn};
 
-use crate::domain::{parse_ses_notification, Clock, Effect, Feedback, FeedbackError, FeedbackKind, NormalizedEmail, ProspectStatus, StatusReason};
+use crate::domain::{parse_ses_notification, AccountId, Clock, EmailReference, ProspectId, SendKey, Effect, Feedback, FeedbackError, FeedbackKind, NormalizedEmail, ProspectStatus, StatusReason};
 use crate::ports::{FeedbackApplied, FeedbackChange, FeedbackLog, FeedbackWrite, ProspectKey, StoreError};
 
 /// What one piece of feedback did.
@@ -77,33 +77,57 @@ impl FeedbackService {
     ///
     /// # Errors
     /// Storage errors.
-    #[instrument(level = "debug", skip_all, fields(kind = feedback.kind.as_str()))]
     pub async fn apply(&self, feedback: &Feedback) -> Result<FeedbackOutcome, StoreError> {
-        let unmatched = || {
-            info!(kind = feedback.kind.as_str(), "feedback that names no email of ours: nothing changed");
-            Ok(FeedbackOutcome::Unmatched)
-        };
         // The address first: a recipient that is not one costs no lookup.
-        let Ok(email) = NormalizedEmail::parse(&feedback.recipient) else { return unmatched() };
+        if NormalizedEmail::parse(&feedback.recipient).is_err() {
+            return Ok(unmatched(feedback));
+        }
+        match self.resolve(feedback).await? {
+            Some(target) => self.apply_to(feedback, target).await,
+            None => Ok(unmatched(feedback)),
+        }
+    }
+
+    /// The email a piece of feedback is about: from its tags or `Message-ID`, else from the
+    /// send log by the provider's message id.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn resolve(&self, feedback: &Feedback) -> Result<Option<FeedbackTarget>, StoreError> {
         let reference = match feedback.reference {
             Some(r) => Some(r),
+            None if feedback.provider_message_id.is_empty() => None,
             None => self.log.sent_email(&feedback.provider_message_id).await?,
         };
-        let Some(reference) = reference else { return unmatched() };
+        Ok(reference.map(FeedbackTarget::from))
+    }
+
+    /// Applies one piece of feedback to the prospect `target` names, if it is the one stored at
+    /// the recipient's address.
+    ///
+    /// # Errors
+    /// Storage errors.
+    #[instrument(level = "debug", skip_all, fields(kind = feedback.kind.as_str()))]
+    pub async fn apply_to(&self, feedback: &Feedback, target: FeedbackTarget) -> Result<FeedbackOutcome, StoreError> {
+        let Ok(email) = NormalizedEmail::parse(&feedback.recipient) else { return Ok(unmatched(feedback)) };
         let change = match feedback.kind.effect() {
             Effect::Bounced => FeedbackChange::Status(ProspectStatus::Bounced, StatusReason::Bounce),
             Effect::Complained => FeedbackChange::Status(ProspectStatus::Unsubscribed, StatusReason::Complaint),
             Effect::Transient => FeedbackChange::TransientBounce,
             Effect::Recorded => {
-                if feedback.kind == FeedbackKind::Delivery && !self.log.record_delivery(reference.send, feedback.at).await? {
-                    info!(prospect_id = %reference.prospect, "delivery of an email with no sent record: nothing recorded");
+                let recorded = match target.send {
+                    Some(send) if feedback.kind == FeedbackKind::Delivery => self.log.record_delivery(send, feedback.at).await?,
+                    _ => false,
+                };
+                if !recorded && feedback.kind == FeedbackKind::Delivery {
+                    info!(prospect_id = %target.prospect, "delivery of an email with no sent record: nothing recorded");
                 }
                 return Ok(FeedbackOutcome::Recorded);
             }
         };
         let write = FeedbackWrite {
             feedback_id: feedback.feedback_id.clone(),
-            prospect: ProspectKey { account: reference.account, prospect: reference.prospect, email_hash: email.key_hash().to_owned() },
+            prospect: ProspectKey { account: target.account, prospect: target.prospect, email_hash: email.key_hash().to_owned() },
             kind: feedback.kind.as_str(),
             at: feedback.at,
             change,
@@ -116,11 +140,30 @@ impl FeedbackService {
         };
         match outcome {
             FeedbackOutcome::Applied(Some(status)) => {
-                warn!(account_id = %reference.account, prospect_id = %reference.prospect, kind = write.kind, status = status.as_str(), "feedback changed the prospect's status");
+                warn!(account_id = %target.account, prospect_id = %target.prospect, kind = write.kind, status = status.as_str(), "feedback changed the prospect's status");
             }
-            other => info!(account_id = %reference.account, prospect_id = %reference.prospect, kind = write.kind, outcome = other.as_str(), "feedback applied"),
+            other => info!(account_id = %target.account, prospect_id = %target.prospect, kind = write.kind, outcome = other.as_str(), "feedback applied"),
         }
         Ok(outcome)
+    }
+}
+
+fn unmatched(feedback: &Feedback) -> FeedbackOutcome {
+    info!(kind = feedback.kind.as_str(), "feedback that names no email of ours: nothing changed");
+    FeedbackOutcome::Unmatched
+}
+
+/// The prospect a piece of feedback is for, and the step whose email it is about when known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedbackTarget {
+    pub account: AccountId,
+    pub prospect: ProspectId,
+    pub send: Option<SendKey>,
+}
+
+impl From<EmailReference> for FeedbackTarget {
+    fn from(r: EmailReference) -> Self {
+        Self { account: r.account, prospect: r.prospect, send: Some(r.send) }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod config;
 pub mod domain;
 pub mod feedback;
+pub mod webhooks;
 pub mod http;
 pub mod ports;
 pub mod scheduler;

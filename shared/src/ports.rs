@@ -9,7 +9,7 @@ use crate::domain::{
     Account, AccountId, ApiKeyRecord, Campaign, CampaignId, CampaignJob, ClaimOwner, EmailReference, ExternalId, SendKey, SendRecord,
     SendState, SendTally, StatusReason, ListQuery,
     IdempotencyBegin, IdempotencyKey, KeyHash, KeyId, NormalizedEmail, Prospect, ProspectId, ProspectStatus,
-    RateDecision, RateLimit, StoredResponse,
+    RateDecision, RateLimit, StoredResponse, EndpointId, Integration, Provider, ReceivedEvent,
 };
 
 /// A failure of a storage or queue adapter.
@@ -341,6 +341,48 @@ pub trait FeedbackLog: Send + Sync {
     /// [`StoreError::Unavailable`] or [`StoreError::Other`].
     async fn record_delivery(&self, send: SendKey, at: OffsetDateTime) -> Result<bool, StoreError>;
 }
+
+/// Webhook endpoints and the log of the events received through them.
+#[async_trait]
+pub trait IntegrationStore: Send + Sync {
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn create_integration(&self, integration: &Integration) -> Result<(), StoreError>;
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn find_integration(&self, id: &EndpointId) -> Result<Option<Integration>, StoreError>;
+    /// An account's endpoints, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn list_integrations(&self, account: AccountId) -> Result<Vec<Integration>, StoreError>;
+    /// Deletes an endpoint of `account`; `false` when it has none of that id.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn delete_integration(&self, account: AccountId, id: &EndpointId) -> Result<bool, StoreError>;
+    /// Whether the event (provider, account, event id) was taken before (recorded with a final
+    /// [`crate::domain::EventOutcome`]) within the log's retention.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn event_taken(&self, provider: Provider, account: Option<AccountId>, event_id: &str) -> Result<bool, StoreError>;
+    /// Appends `event` to the log (kept [`EVENT_RETENTION`]).
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn record_event(&self, event: &ReceivedEvent) -> Result<(), StoreError>;
+    /// The newest `limit` events of `account` (with `None`: those that named no account),
+    /// newest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a backend failure.
+    async fn list_events(&self, account: Option<AccountId>, limit: u32) -> Result<Vec<ReceivedEvent>, StoreError>;
+}
+
+/// How long a received event is kept, and recognised when delivered again (Stripe retries for
+/// three days).
+pub const EVENT_RETENTION: time::Duration = time::Duration::days(30);
 
 /// A queue the process pulls due jobs from itself (the embedded store's), rather than one
 /// that pushes them to a function (SQS).

@@ -6,6 +6,7 @@ pub mod local_rate_limit;
 pub mod ses;
 pub mod smtp;
 pub mod sns;
+pub mod sns_http;
 mod record;
 pub mod sqlite;
 pub mod sqs;

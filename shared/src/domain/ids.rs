@@ -31,6 +31,12 @@ macro_rules! uuid_id {
                 out.push(b'"');
             }
 
+            /// The id of these 16 bytes (a digest's, say: an id derived from a name).
+            #[must_use]
+            pub fn from_bytes(bytes: [u8; 16]) -> Self {
+                Self(uuid::Uuid::from_bytes(bytes))
+            }
+
             /// The id's 16 bytes.
             #[must_use]
             pub fn as_bytes(&self) -> &[u8; 16] {

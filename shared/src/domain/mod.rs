@@ -6,6 +6,7 @@ mod email;
 mod feedback;
 mod ids;
 mod idempotency;
+mod integration;
 mod job;
 mod key;
 mod listing;
@@ -13,13 +14,22 @@ mod progress;
 mod prospect;
 mod rate_limit;
 mod send;
+mod sns;
 mod unsubscribe;
+mod webhooks;
 
 pub use campaign::{sample_prospect, Campaign, CampaignDefinition, CampaignError, CampaignState, Pause, RenderedEmail, SendingChange, Step};
 pub use listing::{millis, ListPosition, ListQuery, DEFAULT_PAGE, MAX_PAGE};
 pub use progress::{enrollment_view, EndedReason, EnrollmentState, EnrollmentView};
 pub use send::{ClaimOwner, SendKey, SendRecord, SendState, SendTally, SEND_STATES};
+pub use sns::{
+    is_sns_cert_file_name, is_stale, CertUrl, SignatureVersion, SnsError, SnsKind, SnsMessage, SubscribeUrl, SNS_MAX_AGE, SNS_MAX_CLOCK_SKEW,
+};
 pub use unsubscribe::{InvalidToken, UnsubscribeSecret, WeakSecret};
+pub use webhooks::{
+    parse_resend_event, parse_sendgrid_events, parse_sendgrid_public_key, parse_stripe_event, standard_webhook_key, verify_sendgrid, verify_standard_webhook,
+    verify_stripe, PaymentMatch, PayloadError, SendgridKey, SignatureError, StandardWebhookKey, StripeEvent, SIGNATURE_TOLERANCE,
+};
 pub use email::{EmailError, NormalizedEmail};
 pub use feedback::{
     parse_ses_notification, transient_bounces_exhausted, BounceClass, Effect, EmailReference, Feedback, FeedbackError, FeedbackKind, TRANSIENT_BOUNCE_LIMIT,
@@ -31,6 +41,7 @@ pub use idempotency::{
     IN_FLIGHT_LEASE,
 };
 pub use job::CampaignJob;
+pub use integration::{EndpointId, EventOutcome, Integration, InvalidEndpointId, InvalidSecret, Provider, ReceivedEvent, SigningSecret, EVENTS_LISTED_MAX};
 pub use rate_limit::{ceil_seconds, gcra, gcra_take, lease_size, RateDecision, RateLimit, Take, LEASE_LIFETIME};
 pub use key::{ApiKey, ApiKeyRecord, KeyHash};
 pub use prospect::{

@@ -104,6 +104,8 @@ pub enum StatusReason {
     Bounce,
     /// The recipient marked a campaign email as spam.
     Complaint,
+    /// A payment provider (Stripe) reported the prospect paid.
+    Payment,
 }
 
 impl StatusReason {
@@ -116,6 +118,7 @@ impl StatusReason {
             Self::Erased => "erased",
             Self::Bounce => "bounce",
             Self::Complaint => "complaint",
+            Self::Payment => "payment",
         }
     }
 }

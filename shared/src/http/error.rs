@@ -28,7 +28,13 @@ pub enum ApiError {
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("payload too large")]
-    PayloadTooLarge,
+    PayloadTooLarge(usize),
+    /// A webhook whose signature did not verify, or sent to no endpoint of ours: one answer
+    /// for both, so an endpoint's URL cannot be probed.
+    #[error("invalid signature")]
+    InvalidSignature,
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     #[error("conflict: {0}")]
     Conflict(String),
     #[error("rate limited")]
@@ -46,10 +52,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::InvalidSignature => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::ProspectNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -95,7 +102,9 @@ impl IntoResponse for ApiError {
             Self::ProspectNotFound => json!({ "error": "Prospect not found" }),
             Self::RouteNotFound => json!({ "error": "Not found" }),
             Self::MethodNotAllowed => json!({ "error": "Method not allowed" }),
-            Self::PayloadTooLarge => json!({ "error": "Request body is too large (limit 65536 bytes)" }),
+            Self::PayloadTooLarge(limit) => json!({ "error": format!("Request body is too large (limit {limit} bytes)") }),
+            Self::InvalidSignature => json!({ "error": "Invalid signature, or no such endpoint" }),
+            Self::Forbidden(msg) => json!({ "error": msg }),
             Self::Conflict(msg) => json!({ "error": msg }),
             Self::TooManyRequests(d) => json!({ "error": format!("Rate limit exceeded: retry in {} s", d.retry_after_seconds) }),
             Self::Unprocessable(errors) => json!({ "errors": errors }),

@@ -8,8 +8,10 @@ mod openapi;
 mod request;
 mod resource;
 mod unsubscribe;
+mod webhooks;
 
 pub use openapi::OPENAPI_JSON;
+pub use webhooks::{PROVIDER_WEBHOOK_PATH, SES_WEBHOOK_PATH, WEBHOOK_BODY_LIMIT_BYTES};
 pub use resource::{EmailSent, EnrollmentResource, ProspectExport, ProspectResource, StatusChangeResource};
 
 use std::sync::Arc;
@@ -108,6 +110,18 @@ pub fn router(service: ProspectService, routes: Routes) -> Router {
         .with_state(state)
 }
 
+/// Every route of [`router`] and the webhook routes: what `cadenhq serve` serves.
+pub fn router_with_webhooks(service: ProspectService, webhooks: crate::webhooks::WebhookService) -> Router {
+    router(service, Routes::All).merge(webhooks::routes(webhooks))
+}
+
+/// The webhook routes alone, with the JSON fallbacks: what the webhooks function serves.
+pub fn webhooks_router(webhooks: crate::webhooks::WebhookService) -> Router {
+    webhooks::routes(webhooks)
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+}
+
 pub(crate) type AppState = Arc<ProspectService>;
 
 /// The caller of an API request, admitted (key and rate limit) before anything else of the
@@ -134,7 +148,7 @@ fn with_rate_limit(mut response: Response, caller: &Caller) -> Response {
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge
+            ApiError::PayloadTooLarge(BODY_LIMIT_BYTES)
         } else {
             ApiError::BadRequest("Request body could not be read".into())
         }

@@ -37,6 +37,7 @@
 mod admin;
 mod feedback;
 mod idempotency;
+mod integrations;
 mod keys;
 mod prospects;
 mod sends;
@@ -116,6 +117,14 @@ CREATE TABLE IF NOT EXISTS feedback (
     kind TEXT NOT NULL, at TEXT NOT NULL, at_ms INTEGER NOT NULL, received_at TEXT NOT NULL,
     PRIMARY KEY (feedback_id, email_hash));
 CREATE INDEX IF NOT EXISTS feedback_prospect ON feedback(prospect_id, kind, at_ms);
+CREATE TABLE IF NOT EXISTS integrations (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS integrations_account ON integrations(account_id);
+CREATE TABLE IF NOT EXISTS received_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, provider TEXT NOT NULL, account_id TEXT NOT NULL, event_id TEXT NOT NULL,
+    outcome TEXT NOT NULL, received_ms INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS received_events_account ON received_events(account_id, seq);
+CREATE INDEX IF NOT EXISTS received_events_event ON received_events(provider, account_id, event_id);
+CREATE INDEX IF NOT EXISTS received_events_received ON received_events(received_ms);
 CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1), keys_version INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (id, keys_version) VALUES (1, 0);
 CREATE TRIGGER IF NOT EXISTS api_keys_inserted AFTER INSERT ON api_keys
