@@ -62,7 +62,7 @@ pub fn bounce(feedback_id: &str, bounce_type: &str, status: &str) -> Value {
 
 /// The prospect `email` (created by a POST, its first step sent) and its first email's
 /// reference and provider message id.
-async fn sent_to(app: &TestApp, email: &str) -> (EmailReference, String) {
+pub async fn sent_to(app: &TestApp, email: &str) -> (EmailReference, String) {
     let (status, body) = app.post(&json!({"email": email, "first_name": "Ada"})).await;
     assert_eq!(status, 201, "{body}");
     app.tick(1).await;

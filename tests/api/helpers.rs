@@ -25,7 +25,8 @@ use shared::domain::{
     AccountId, Campaign, CampaignId, CampaignDefinition, CampaignJob, ClaimOwner, Clock, KeyId, NormalizedEmail, Prospect, ProspectStatus,
     RateLimit, SendKey, StatusReason, SendRecord, SendState, SendTally, SystemClock, UnsubscribeSecret,
 };
-use shared::http::{router, Routes, KEY_HEADER};
+use shared::adapters::sns_http::{HttpsGet, SnsVerifier};
+use shared::http::{router_with_webhooks, KEY_HEADER};
 use shared::ports::{
     ClaimRequest, ClaimResult, Delivered, JobQueue, MailError, Mailer, OutgoingEmail, ProspectKey, ProspectRef, ProspectRepository,
     Replacing, SendClaim, SendLog, StoreError, UpsertContext,
@@ -328,6 +329,81 @@ struct Pending {
     body: String,
 }
 
+/// The one SNS topic test apps accept on POST /webhooks/ses.
+pub const SNS_TEST_TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:cadenhq-feedback";
+
+/// An HTTPS client that fetches nothing: it records each URL and answers an empty body, so a
+/// certificate missing from the test folder is a failure to verify, and a subscription
+/// confirmation is seen.
+#[derive(Default)]
+pub struct RecordingHttps(Mutex<Vec<String>>);
+
+impl RecordingHttps {
+    pub fn urls(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl HttpsGet for RecordingHttps {
+    async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
+        self.0.lock().unwrap().push(url.to_owned());
+        Ok(Vec::new())
+    }
+}
+
+/// Runs tests/support/sign.py (in the test virtualenv, with the providers' libraries) with
+/// `args`, `stdin` its input; its output, trimmed.
+///
+/// # Panics
+/// When the virtualenv is missing (run the suite with scripts/test) or the script fails.
+pub fn sign(args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".venv/bin/python");
+    assert!(python.exists(), "{} is missing: run the suite with scripts/test, which installs the test tools", python.display());
+    let mut child = std::process::Command::new(python)
+        .arg(root.join("tests/support/sign.py"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sign.py");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "sign.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// The certificate SNS test messages are signed with: made once per test run, in a folder
+/// that seeds every test app's certificate cache (as CADENHQ_SNS_CERT_DIR does).
+pub struct SnsSigner {
+    pub dir: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub cert_url: String,
+    _dir: tempfile::TempDir,
+}
+
+pub const SNS_TEST_CERT: &str = "SimpleNotificationService-0123456789abcdef0123456789abcdef.pem";
+
+pub fn sns_test_signer() -> &'static SnsSigner {
+    static SIGNER: std::sync::OnceLock<SnsSigner> = std::sync::OnceLock::new();
+    SIGNER.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        sign(&["sns-cert", dir.path().to_str().unwrap(), SNS_TEST_CERT], "");
+        let certs = dir.path().join("certs");
+        std::fs::create_dir(&certs).unwrap();
+        std::fs::rename(dir.path().join(SNS_TEST_CERT), certs.join(SNS_TEST_CERT)).unwrap();
+        SnsSigner {
+            dir: certs,
+            key: dir.path().join(format!("{SNS_TEST_CERT}.key")),
+            cert_url: format!("https://sns.us-east-1.amazonaws.com/{SNS_TEST_CERT}"),
+            _dir: dir,
+        }
+    })
+}
+
 /// The secret unsubscribe links of test apps are signed with.
 pub fn test_secret() -> UnsubscribeSecret {
     UnsubscribeSecret::new(b"test-unsubscribe-secret-0123456789abcdef".to_vec()).unwrap()
@@ -349,6 +425,8 @@ pub struct TestApp {
     pub base: String,
     pub http: reqwest::Client,
     pub backend: Backend,
+    /// What the app fetched over HTTPS (SNS certificates, subscription confirmations).
+    pub https: Arc<RecordingHttps>,
     pub queue: Arc<FaultyQueue>,
     pub sends: Arc<FaultySendLog>,
     pub repo: Arc<FaultyRepo>,
@@ -483,7 +561,9 @@ impl TestApp {
         };
         let scheduler = Scheduler::new(ports, settings);
         let service = backend.service(clock.clone()).with_unsubscribe_secret(test_secret());
-        let app = router(service, Routes::All);
+        let https = Arc::new(RecordingHttps::default());
+        let sns = SnsVerifier::new(vec![SNS_TEST_TOPIC.to_owned()], https.clone()).with_cert_dir(&sns_test_signer().dir).expect("the test certificate");
+        let app = router_with_webhooks(service, backend.webhook_service(clock.clone(), sns));
         tokio::spawn(async move { axum::serve(listener, app).await });
 
         Self {
@@ -493,6 +573,7 @@ impl TestApp {
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
             backend,
+            https,
             queue,
             sends,
             repo,

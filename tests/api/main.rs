@@ -17,3 +17,4 @@ mod openapi;
 mod reads;
 mod round_trips;
 mod template;
+mod webhooks;

@@ -76,10 +76,12 @@ impl IntegrationStore for DynamoStore {
             format!("RECEIVED#{receipt}")
         };
         let received_ms = event.received_at.unix_timestamp_nanos() / 1_000_000;
+        // Events received in the same millisecond keep the order they arrived in.
+        let arrival = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let mut item = key(pk);
         item.insert("doc".into(), to_doc(event)?);
         item.insert("gsi1pk".into(), s(events_gsi(event.account_id)));
-        item.insert("gsi1sk".into(), s(format!("{received_ms:015}#{receipt}")));
+        item.insert("gsi1sk".into(), s(format!("{received_ms:015}#{arrival:020}#{receipt}")));
         item.insert("expires_at".into(), n((event.received_at + EVENT_RETENTION).unix_timestamp()));
         self.put(item, None).await
     }

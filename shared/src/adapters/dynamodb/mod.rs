@@ -16,7 +16,7 @@
 //! | applied feedback | `FEEDBACK#{sha256(feedback id)}#{sha256(normalized email)}` | `account`, `prospect`, `kind`, `at`; `expires_at` (TTL, 35 days) |
 //! | recent transient bounces | `BOUNCES#{account}#{sha256(normalized email)}` | `times` (the last 30 days'), `prospect`, `version`; `expires_at` (TTL) |
 //! | webhook endpoint | `INTEGRATION#{endpoint id}` | JSON `doc` (the provider's secret included); `gsi1pk` = `ACCOUNT#{id}#INTEGRATIONS` |
-//! | received event, taken | `EVENT#{provider}#{account or -}#{sha256(event id)}` | JSON `doc`; `gsi1pk` = `EVENTS#{account or -}`, `gsi1sk` = `{received ms, 15 digits}#{receipt}`; `expires_at` (TTL, 30 days) |
+//! | received event, taken | `EVENT#{provider}#{account or -}#{sha256(event id)}` | JSON `doc`; `gsi1pk` = `EVENTS#{account or -}`, `gsi1sk` = `{received ms, 15 digits}#{arrival ns, 20 digits}#{receipt}`; `expires_at` (TTL, 30 days) |
 //! | received event, refused or duplicate | `RECEIVED#{receipt}` | as above |
 //! | idempotency record | `IDEM#{account}#{sha256(key)}` | `fingerprint`, `status`, `body`, `lease_until`; `expires_at` (TTL) |
 //! | rate-limit bucket | `RATE#{key_id}` | `tat` (GCRA, Unix nanoseconds); `expires_at` (TTL) |
