@@ -845,3 +845,59 @@ async fn an_erased_prospect_leaves_nothing_in_the_outbox_or_the_database_files()
         assert!(!files.contains(trace), "{trace} is still in the database files");
     }
 }
+
+#[tokio::test]
+async fn integrations_create_prints_the_url_to_paste_and_list_never_shows_the_secret() {
+    on_both_backends(|cli| {
+        let account = cli.account("Acme");
+        let secret = "whsec_9f8e7d6c5b4a39281706f5e4d3c2b1a0";
+        let created = cli.json(&["integrations", "create", "--account", &account, "--provider", "stripe", "--secret", secret, "--public-url", "https://api.acme.example/"]);
+        let endpoint = str_of(&created, "endpoint_id").to_owned();
+        assert_eq!(created["url"], format!("https://api.acme.example/webhooks/stripe/{endpoint}"));
+        let listed = cli.json(&["integrations", "list", "--account", &account]);
+        assert_eq!(listed["integrations"][0]["endpoint_id"], endpoint.as_str());
+        assert_eq!(listed["integrations"][0]["secret_hint"], "...b1a0");
+        assert!(!listed.to_string().contains(secret), "{listed}");
+
+        let refused = error_line(&cli.run(&["integrations", "create", "--account", &account, "--provider", "resend", "--secret", "sk_live_oops"]), "a Stripe key as a Resend secret");
+        assert!(refused.contains("whsec_") && !refused.contains("sk_live_oops"), "{refused}");
+        assert_eq!(cli.json(&["integrations", "events", "--account", &account])["events"], json!([]));
+
+        assert_eq!(cli.json(&["integrations", "delete", &endpoint, "--account", &account])["deleted"], true);
+        assert_eq!(cli.json(&["integrations", "list", "--account", &account])["integrations"], json!([]));
+        error_line(&cli.run(&["integrations", "delete", &endpoint, "--account", &account]), "deleting it twice");
+        if !cli.is_aws() {
+            error_line(&cli.run(&["integrations", "list", "--account", &AccountId::new().to_string()]), "an unknown account");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn serve_takes_webhooks_and_integrations_events_lists_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, url, _) = start_server(dir.path());
+    let cli = Cli { data_dir: dir.path().to_owned(), table: None };
+    let account = str_of(&cli.json(&["accounts", "list"])["accounts"][0], "account_id").to_owned();
+    let created = cli.json(&["integrations", "create", "--account", &account, "--provider", "stripe", "--secret", "whsec_abc123", "--public-url", &url]);
+    let endpoint_url = str_of(&created, "url").to_owned();
+
+    let http = reqwest::Client::new();
+    let response = http.post(&endpoint_url).header("stripe-signature", "t=1,v1=00").body(r#"{"id":"evt_1"}"#).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let body = r#"{"id":"evt_2","type":"customer.created","data":{"object":{}}}"#;
+    let header = crate::helpers::sign(&["stripe", "whsec_abc123", &time::OffsetDateTime::now_utc().unix_timestamp().to_string()], body);
+    let response = http.post(&endpoint_url).header("stripe-signature", header).body(body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let response = http.post(format!("{url}/webhooks/ses")).body("{}").send().await.unwrap();
+    assert_eq!(response.status(), 400, "an SNS message that is not one");
+    interrupt_and_wait(child);
+
+    let events = cli.json(&["integrations", "events", "--account", &account]);
+    let outcomes: Vec<(&str, &str)> = events["events"].as_array().unwrap().iter().map(|e| (str_of(e, "event_id"), str_of(e, "outcome"))).collect();
+    assert_eq!(outcomes, [("evt_2", "ignored"), ("", "rejected")]);
+    let text = String::from_utf8(cli.run(&["integrations", "events", "--account", &account]).stdout).unwrap();
+    assert!(text.contains("stripe") && text.contains("customer.created") && text.contains("ignored"), "{text}");
+    let unattributed = cli.json(&["integrations", "events"]);
+    assert_eq!(unattributed["events"][0]["provider"], "ses", "{unattributed}");
+}

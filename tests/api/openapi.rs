@@ -102,7 +102,8 @@ fn routes_in_source() -> BTreeSet<Operation> {
             code.push('\n');
         }
     }
-    for unsupported in [".nest(", ".nest_service(", ".merge(", ".route_service("] {
+    // A merged router's routes are `.route(` calls in these sources too: they are read.
+    for unsupported in [".nest(", ".nest_service(", ".route_service("] {
         assert!(!code.contains(unsupported), "the router uses {unsupported}: teach this test to read it");
     }
     let constants: BTreeMap<&str, &str> = code
@@ -163,6 +164,8 @@ fn concrete(path: &str) -> String {
     path.replace("{prospect_id}", &uuid::Uuid::new_v4().to_string())
         .replace("{external_id}", "crm/probe-1")
         .replace("{token}", &"0".repeat(128))
+        .replace("{provider}", "stripe")
+        .replace("{endpoint_id}", &format!("whep_{}", "0".repeat(32)))
 }
 
 struct Answer {

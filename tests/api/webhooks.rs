@@ -142,7 +142,7 @@ async fn a_stripe_event_not_signed_right_changes_nothing_and_is_answered_like_an
     let (unsigned_status, unsigned_body) = deliver(&app, &url(&stripe), &[], &body).await;
     answers.push((unsigned_status, unsigned_body));
     for (status, body) in &answers {
-        assert_eq!((*status, body), (401, &json!({"error": "Invalid signature, or no such endpoint"})));
+        assert_eq!((*status, body), (400, &json!({"error": "Invalid signature, or no such endpoint"})));
     }
     assert_eq!(status_of(&app, "ada@example.com").await, ("new".into(), "api".into()));
     // Refusals at a known endpoint are in its account's log; the signed one then applies.
@@ -184,9 +184,9 @@ async fn a_resend_bounce_stops_the_next_step_of_a_running_campaign(kind: Kind) {
     // A tampered byte, or a signature of another message id: refused.
     let tampered = bounced.replacen("Permanent", "Transient", 1);
     let (status, _) = deliver(&app, &url(&resend), &headers, &tampered).await;
-    assert_eq!(status, 401);
+    assert_eq!(status, 400);
     let (status, _) = deliver(&app, &url(&resend), &[("svix-id", "msg_other"), headers[1], headers[2]], &bounced).await;
-    assert_eq!(status, 401);
+    assert_eq!(status, 400);
 }
 
 async fn sendgrid_events_signed_with_its_key_apply_each_once(kind: Kind) {
@@ -218,7 +218,7 @@ async fn sendgrid_events_signed_with_its_key_apply_each_once(kind: Kind) {
     assert_eq!(outcomes(&again), ["duplicate", "duplicate", "unmatched"], "{again}");
 
     let (status, _) = deliver(&app, &url(&sendgrid), &headers, &batch.replacen("sg-1", "sg-9", 1)).await;
-    assert_eq!(status, 401, "a tampered byte");
+    assert_eq!(status, 400, "a tampered byte");
     // Another account's endpoint cannot reach this account's prospects.
     let (other, _) = app.other_account().await;
     let foreign = admin::create_integration(app.backend.admin.as_ref(), app.backend.integrations.as_ref(), other, Provider::Sendgrid, &public_key, &SystemClock).await.unwrap();
@@ -302,9 +302,9 @@ async fn sns_messages_not_signed_right_or_for_another_topic_are_refused(kind: Ki
     let other_topic = sns_message(&app, "m-2", "arn:aws:sns:us-east-1:999999999999:elsewhere", &message, "2");
     let other_host = with("SigningCertURL", json!(sns_test_signer().cert_url.replace("sns.us-east-1.amazonaws.com", "sns.us-east-1.amazonaws.com.evil.example")));
     let unsigned = with("Signature", json!(""));
-    // A bad signature is 401 and another topic 403; a certificate URL on another host, a
+    // A bad signature is 400 and another topic 403; a certificate URL on another host, a
     // message without a signature and one missing its fields are refused (4xx) before any fetch.
-    let cases = [(tampered, Some(401)), (other_topic, Some(403)), (other_host, None), (unsigned, None), ("{\"Type\":\"Notification\"}".to_owned(), None)];
+    let cases = [(tampered, Some(400)), (other_topic, Some(403)), (other_host, None), (unsigned, None), ("{\"Type\":\"Notification\"}".to_owned(), None)];
     for (i, (body, expected)) in cases.iter().enumerate() {
         let (status, answer) = post_sns(&app, body).await;
         assert!((400..500).contains(&status), "case {i}: {status} {answer}");
@@ -315,7 +315,7 @@ async fn sns_messages_not_signed_right_or_for_another_topic_are_refused(kind: Ki
     // Signed an hour and a minute before it arrives: stale.
     app.clock.advance(Duration::minutes(61));
     let (status, answer) = post_sns(&app, &good).await;
-    assert_eq!(status, 401, "{answer}");
+    assert_eq!(status, 400, "{answer}");
     assert_eq!(status_of(&app, "ada@example.com").await, ("new".into(), "api".into()), "nothing changed");
     assert!(app.https.urls().is_empty(), "no certificate fetched from another host: {:?}", app.https.urls());
 }
@@ -331,9 +331,9 @@ async fn bad_signatures_are_rate_limited_per_endpoint(kind: Kind) {
     for _ in 0..11 {
         statuses.push(deliver(&app, &url(&stripe), &[("stripe-signature", bad)], &body).await.0);
     }
-    assert_eq!(statuses, [[401; 10].as_slice(), &[429]].concat(), "ten bad signatures, then 429");
+    assert_eq!(statuses, [[400; 10].as_slice(), &[429]].concat(), "ten bad signatures, then 429");
     // Another endpoint has its own budget, and a good signature still gets through.
-    assert_eq!(deliver(&app, &url(&other), &[("stripe-signature", bad)], &body).await.0, 401);
+    assert_eq!(deliver(&app, &url(&other), &[("stripe-signature", bad)], &body).await.0, 400);
     let header = sign(&["stripe", STRIPE_SECRET, &now_ts(&app)], &body);
     let (status, answer) = deliver(&app, &url(&stripe), &[("stripe-signature", &header)], &body).await;
     assert_eq!((status, outcomes(&answer)), (200, vec!["applied".to_owned()]), "{answer}");
