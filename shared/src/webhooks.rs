@@ -26,6 +26,9 @@ pub fn bad_signature_limit() -> RateLimit {
     RateLimit::new(1, 10).expect("a valid rate limit")
 }
 
+/// The bad-signature budget of `POST /webhooks/ses` (one for the deployment).
+const SES_BUCKET: &str = "ses";
+
 /// Why a delivery was not taken. The HTTP layer maps each to its status.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
@@ -42,9 +45,10 @@ pub enum WebhookError {
     /// An SNS message of a topic that is not allowed.
     #[error("topic not allowed")]
     TopicNotAllowed,
-    /// The SNS signing certificate could not be fetched: SNS retries.
-    #[error("signing certificate unavailable")]
-    CertificateUnavailable,
+    /// Amazon SNS could not be reached (for the signing certificate, or to confirm a
+    /// subscription): SNS retries.
+    #[error("Amazon SNS unreachable")]
+    SnsUnreachable,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -150,9 +154,13 @@ impl WebhookService {
         };
         if verified != Some(true) {
             warn!(provider = provider.as_str(), endpoint_id = %integration.id, "webhook refused: its signature does not verify");
-            let event_id = header_of(headers, &["svix-id", "webhook-id"]).unwrap_or_default().to_owned();
-            self.log(&integration, Some(integration.account_id), event_id, String::new(), EventOutcome::Rejected, now).await?;
-            return Err(self.refuse(endpoint, now).await);
+            let refusal = self.refuse(endpoint, now).await;
+            // A flood past the limit is not logged one by one.
+            if matches!(refusal, WebhookError::NotAccepted) {
+                let event_id = header_of(headers, &["svix-id", "webhook-id"]).unwrap_or_default().to_owned();
+                self.log(&integration, Some(integration.account_id), event_id, String::new(), EventOutcome::Rejected, now).await?;
+            }
+            return Err(refusal);
         }
         match provider {
             Provider::Stripe => self.take_stripe(&integration, body, now).await,
@@ -222,10 +230,12 @@ impl WebhookService {
             EventOutcome::Duplicate
         } else if let Some(payment) = &event.payment {
             match self.paying_prospect(account, payment).await? {
-                Some(prospect) => {
-                    self.prospects.set_status(account, &ProspectRef::Id(prospect), ProspectStatus::Converted, StatusReason::Payment).await?;
-                    EventOutcome::Applied
-                }
+                Some(prospect) => match self.prospects.set_status(account, &ProspectRef::Id(prospect), ProspectStatus::Converted, StatusReason::Payment).await {
+                    Ok(_) => EventOutcome::Applied,
+                    // Erased since it was found.
+                    Err(ServiceError::NotFound) => EventOutcome::Unmatched,
+                    Err(e) => return Err(e.into()),
+                },
                 None => {
                     info!(account_id = %account, "a Stripe payment that names no prospect of the account: nothing changed");
                     EventOutcome::Unmatched
@@ -303,22 +313,25 @@ impl WebhookService {
             Ok(v) => v,
             Err(e) => {
                 warn!(error = %e, "SNS message refused");
-                let record = ReceivedEvent {
-                    provider: Provider::Ses,
-                    endpoint_id: None,
-                    account_id: None,
-                    event_id: String::new(),
-                    event_type: String::new(),
-                    received_at: now,
-                    outcome: EventOutcome::Rejected,
-                };
-                self.integrations.record_event(&record).await?;
-                return Err(match e {
+                let refusal = match e {
                     SnsError::TopicNotAllowed => WebhookError::TopicNotAllowed,
                     SnsError::Malformed(m) => WebhookError::Malformed(m),
-                    SnsError::CertificateUnavailable(_) => WebhookError::CertificateUnavailable,
-                    _ => self.refuse("ses", now).await,
-                });
+                    SnsError::CertificateUnavailable(_) => return Err(WebhookError::SnsUnreachable),
+                    _ => self.refuse(SES_BUCKET, now).await,
+                };
+                if !matches!(refusal, WebhookError::RateLimited(_)) {
+                    let record = ReceivedEvent {
+                        provider: Provider::Ses,
+                        endpoint_id: None,
+                        account_id: None,
+                        event_id: String::new(),
+                        event_type: String::new(),
+                        received_at: now,
+                        outcome: EventOutcome::Rejected,
+                    };
+                    self.integrations.record_event(&record).await?;
+                }
+                return Err(refusal);
             }
         };
         let (event_id, event_type, account, outcome) = match verified {
@@ -327,7 +340,7 @@ impl WebhookService {
                 (message_id, event_type, account, outcome)
             }
             VerifiedSns::SubscriptionConfirmation { topic_arn, subscribe_url, .. } => {
-                self.sns.confirm(&subscribe_url).await.map_err(|_| WebhookError::CertificateUnavailable)?;
+                self.sns.confirm(&subscribe_url).await.map_err(|_| WebhookError::SnsUnreachable)?;
                 info!(topic_arn, "SNS subscription confirmed");
                 (topic_arn, "SubscriptionConfirmation".to_owned(), None, EventOutcome::Applied)
             }

@@ -46,7 +46,7 @@ impl From<WebhookError> for ApiError {
             WebhookError::RateLimited(decision) => Self::TooManyRequests(decision),
             WebhookError::Malformed(m) => Self::BadRequest(format!("Not an event of this provider: {m}")),
             WebhookError::TopicNotAllowed => Self::Forbidden("The SNS topic is not allowed here (CADENHQ_SNS_TOPIC_ARNS)".into()),
-            WebhookError::CertificateUnavailable => Self::Unavailable("the SNS signing certificate could not be fetched".into()),
+            WebhookError::SnsUnreachable => Self::Unavailable("Amazon SNS could not be reached".into()),
             WebhookError::Store(e) => ServiceError::from(e).into(),
         }
     }
