@@ -1,7 +1,8 @@
 //! Every event in `events/` (the payloads `sam local invoke -e` takes) through the handler of
 //! the function that owns it: API Gateway events through that function's router as
-//! `lambda_http` hands them over, SQS events through the scheduler's batch handler, SNS events
-//! (Amazon SES notifications) through the feedback function's handler.
+//! `lambda_http` hands them over (the webhook events through the webhooks function's router),
+//! SQS events through the scheduler's batch handler, SNS events (Amazon SES notifications)
+//! through the feedback function's handler.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +18,8 @@ use shared::domain::{
 use aws_lambda_events::event::sns::SnsEvent;
 use aws_lambda_events::event::sqs::SqsEvent;
 use shared::feedback::FeedbackOutcome;
-use shared::http::{router, Routes, UNAUTHORIZED_MESSAGE};
+use shared::adapters::sns_http::{ReqwestGet, SnsVerifier};
+use shared::http::{router, webhooks_router, Routes, UNAUTHORIZED_MESSAGE};
 use shared::ports::{ProspectRef, ProspectRepository};
 use shared::adapters::sns::handle_feedback;
 use shared::adapters::sqs::handle_batch;
@@ -32,7 +34,7 @@ const EVENTS_KEY: &str = "chq_0000000000000000000000000000000000000000000e7e47";
 /// Each event, in the order they run against one store, with the status it must get. The
 /// DELETE events come after every other event about a prospect: they erase the one the others
 /// read.
-pub(crate) const EXPECTED: [(&str, u16); 27] = [
+pub(crate) const EXPECTED: [(&str, u16); 29] = [
     ("post-prospect-created", 201),
     ("post-prospect-updated", 200),
     ("post-prospect-missing-email", 400),
@@ -55,6 +57,10 @@ pub(crate) const EXPECTED: [(&str, u16); 27] = [
     ("get-prospect-export", 200),
     ("list-prospects", 200),
     ("list-prospects-bad-limit", 400),
+    // Signed, but for no endpoint of ours: the one answer a bad signature gets too.
+    ("webhooks-stripe-unknown-endpoint", 400),
+    // An SES notification posted as it is, not in a signed SNS message.
+    ("webhooks-ses-unsigned", 400),
     ("delete-prospect-by-id", 200),
     ("delete-prospect-not-found", 404),
     ("delete-prospect-missing-key", 401),
@@ -161,6 +167,27 @@ pub(crate) fn is_read(name: &str) -> bool {
     name.starts_with("get-") || name.starts_with("list-")
 }
 
+/// Whether the event is one of the webhooks function's (a POST to a webhook endpoint).
+pub(crate) fn is_webhook(name: &str) -> bool {
+    name.starts_with("webhooks-")
+}
+
+/// The SNS topic the webhooks function is configured with in the tests (the
+/// `CADENHQ_SNS_TOPIC_ARNS` it gets); no test event is signed for it.
+pub(crate) const WEBHOOKS_SNS_TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:cadenhq-ses-elsewhere";
+
+/// Checks the JSON body a webhook event got (each is a 400): for an unknown endpoint, the one
+/// answer a bad signature gets too (so a URL cannot be probed); for a body that is not the
+/// provider's, an error saying so.
+pub(crate) fn assert_webhook_body(name: &str, status: u16, body: &Value) {
+    assert_eq!(status, 400, "{name}: no webhook event expects {status}");
+    if name.ends_with("-unknown-endpoint") {
+        assert_eq!(*body, serde_json::json!({ "error": "Invalid signature, or no such endpoint" }), "{name}");
+    } else {
+        assert!(body["error"].as_str().is_some_and(|e| e.starts_with("Not an event of this provider")), "{name}: {body}");
+    }
+}
+
 /// Whether the event is one of the erase function's (a DELETE of a prospect).
 pub(crate) fn is_erase(name: &str) -> bool {
     name.starts_with("delete-")
@@ -263,6 +290,8 @@ async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers
     let read_function = router(service.clone(), Routes::Read);
     let erase_function = router(service.clone(), Routes::Erase);
     let unsubscribe_function = router(service, Routes::Unsubscribe);
+    let sns = SnsVerifier::new(vec![WEBHOOKS_SNS_TOPIC.to_owned()], Arc::new(ReqwestGet::new().unwrap()));
+    let webhooks_function = webhooks_router(backend.webhook_service(Arc::new(SystemClock), sns));
 
     // The prospect the DELETE events erase, as the events before them left it.
     let mut erased: Option<Prospect> = None;
@@ -280,6 +309,8 @@ async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers
         let request = lambda_http::request::from_str(&raw).unwrap_or_else(|e| panic!("{name}: {e}"));
         let function = if request.uri().path().starts_with("/unsubscribe/") {
             &unsubscribe_function
+        } else if request.uri().path().starts_with("/webhooks/") {
+            &webhooks_function
         } else if request.method() == "POST" {
             &post_function
         } else if request.method() == "GET" {
@@ -307,6 +338,10 @@ async fn api_gateway_events_get_their_documented_status_from_the_lambda_handlers
         }
         if let Some(prospect) = erase {
             assert_erase_body(name, expected, &body, prospect);
+            continue;
+        }
+        if is_webhook(name) {
+            assert_webhook_body(name, expected, &body);
             continue;
         }
         match expected {

@@ -39,23 +39,31 @@ use std::sync::{Arc, Mutex};
 use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
 use serde_json::json;
 use serde_norway::Value;
 use shared::adapters::dynamodb::DynamoStore;
 use shared::adapters::ses::SesMailer;
 use shared::adapters::sns::handle_feedback;
+use shared::adapters::sns_http::{HttpsGet, ReqwestGet, SnsVerifier};
 use shared::adapters::sqs::SqsQueue;
 use shared::admin;
 use shared::backend::Backend;
-use shared::domain::{CampaignDefinition, Clock, EmailReference, ProspectStatus, SendKey, SendState, SystemClock};
+use shared::domain::{CampaignDefinition, Clock, EmailReference, ExternalId, ProspectStatus, Provider, SendKey, SendState, SystemClock};
 use shared::feedback::FeedbackOutcome;
-use shared::http::{router, Routes, KEY_HEADER};
+use shared::http::{router, webhooks_router, Routes, KEY_HEADER};
 use shared::ports::{Mailer, ProspectRef};
 use shared::adapters::sqs::handle_batch;
 use shared::scheduler::{DeliverySettings, Scheduler};
+use shared::webhooks::WebhookService;
 
 use crate::feedback::{bounce, ses_notification, Naming};
-use crate::helpers::{create_queues, create_table, emulator_sdk_config, test_secret, MailFault, ModelSqsDelays, RecordingMailer, CAMPAIGN_FILE};
+use crate::helpers::{
+    create_queues, create_table, emulator_sdk_config, sign, sns_test_signer, test_secret, MailFault, ModelSqsDelays, RecordingMailer, CAMPAIGN_FILE,
+    SNS_TEST_TOPIC,
+};
+use crate::lambda::stripe_signature;
 use crate::template::{resource, template};
 
 /// The IAM actions each port method of the AWS adapters needs.
@@ -101,6 +109,11 @@ const ADAPTER_ACTIONS: &[(&str, &[&str])] = &[
     ("FeedbackLog::apply_feedback", &["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:ConditionCheckItem"]),
     // A conditional UpdateItem of the send record.
     ("FeedbackLog::record_delivery", &["dynamodb:UpdateItem"]),
+    // Webhook endpoints and the events received through them: a GetItem of the endpoint, of an
+    // event taken, and the PutItem of each receipt.
+    ("IntegrationStore::find_integration", &["dynamodb:GetItem"]),
+    ("IntegrationStore::event_taken", &["dynamodb:GetItem"]),
+    ("IntegrationStore::record_event", &["dynamodb:PutItem"]),
     // SqsQueue (shared/src/adapters/sqs.rs): SendMessage, SendMessageBatch.
     ("JobQueue::publish", &["sqs:SendMessage"]),
     ("JobQueue::publish_batch", &["sqs:SendMessage"]),
@@ -133,6 +146,19 @@ const ADAPTER_PARTITIONS: &[(&str, &str, &[&str])] = &[
     ("FeedbackLog::apply_feedback", "dynamodb:ConditionCheckItem", &["PROSPECT#"]),
     // The send record.
     ("FeedbackLog::record_delivery", "dynamodb:UpdateItem", &["SEND#"]),
+    // The bucket, read after a failed write that did not return it (it had expired).
+    ("RateLimiter::check", "dynamodb:GetItem", &["RATE#"]),
+    // The id or external_id pointer, then the prospect item (an address names the item itself).
+    ("ProspectRepository::find", "dynamodb:GetItem", &["PID#", "EXT#", "PROSPECT#"]),
+    // The id or external_id pointer, then the prospect item's status write.
+    ("ProspectRepository::set_status", "dynamodb:GetItem", &["PID#", "EXT#"]),
+    ("ProspectRepository::set_status", "dynamodb:UpdateItem", &["PROSPECT#"]),
+    // The endpoint.
+    ("IntegrationStore::find_integration", "dynamodb:GetItem", &["INTEGRATION#"]),
+    // The event taken, by its provider, account and id.
+    ("IntegrationStore::event_taken", "dynamodb:GetItem", &["EVENT#"]),
+    // An event taken (applied, unmatched, ignored), or any other receipt.
+    ("IntegrationStore::record_event", "dynamodb:PutItem", &["EVENT#", "RECEIVED#"]),
 ];
 
 /// What Lambda's SQS event source mapping does with the function's role, on its queue
@@ -159,6 +185,7 @@ const WIRING: &[&str] = &[
     "SesMailer::from_sdk_config",
     "handle_batch",
     "handle_feedback",
+    "webhooks_router",
 ];
 
 /// A function: its `functions/` folder, what its `main.rs` wires, and the port methods that
@@ -237,6 +264,25 @@ const FUNCTIONS: &[Function] = &[
         binary: "feedback",
         wires: &["handle_feedback"],
         calls: &["FeedbackLog::sent_email", "FeedbackLog::apply_feedback", "FeedbackLog::record_delivery"],
+    },
+    // Incoming webhooks: the endpoint, and its bad-signature bucket; a Stripe payment's prospect
+    // found and converted, once per event; providers' feedback applied as the feedback function
+    // applies it (the prospect found by its address, its Message-ID or SES's message id); every
+    // delivery recorded.
+    Function {
+        binary: "webhooks",
+        wires: &["webhooks_router"],
+        calls: &[
+            "IntegrationStore::find_integration",
+            "IntegrationStore::event_taken",
+            "IntegrationStore::record_event",
+            "RateLimiter::check",
+            "ProspectRepository::find",
+            "ProspectRepository::set_status",
+            "FeedbackLog::sent_email",
+            "FeedbackLog::apply_feedback",
+            "FeedbackLog::record_delivery",
+        ],
     },
 ];
 
@@ -623,6 +669,64 @@ fn the_feedback_function_reads_writes_and_checks_only_the_partitions_feedback_to
     assert_eq!(queue["MessageRetentionPeriod"].as_u64(), Some(1_209_600), "kept 14 days");
 }
 
+/// Whether `grants` (see [`table_grants`]) allow `action` on the item whose partition key is `pk`.
+fn allows(grants: &BTreeMap<String, Option<BTreeSet<String>>>, action: &str, pk: &str) -> bool {
+    grants.get(action).is_some_and(|scope| scope.as_ref().is_none_or(|prefixes| prefixes.iter().any(|p| pk.starts_with(p.as_str()))))
+}
+
+#[test]
+fn the_webhooks_function_reads_and_writes_only_the_partitions_webhooks_touch() {
+    let grants = table_grants("WebhooksFunction");
+    let scoped = |action: &str| -> Vec<String> {
+        let scope = grants.get(action).unwrap_or_else(|| panic!("WebhooksFunction is not granted {action}"));
+        let partitions = scope.as_ref().unwrap_or_else(|| panic!("{action} limited to some partitions by a dynamodb:LeadingKeys condition"));
+        partitions.iter().cloned().collect()
+    };
+    assert_eq!(scoped("dynamodb:GetItem"), ["BOUNCES#", "EVENT#", "EXT#", "INTEGRATION#", "MSG#", "PID#", "PROSPECT#", "RATE#"]);
+    assert_eq!(scoped("dynamodb:PutItem"), ["BOUNCES#", "EVENT#", "FEEDBACK#", "RECEIVED#"]);
+    assert_eq!(scoped("dynamodb:UpdateItem"), ["PROSPECT#", "RATE#", "SEND#"]);
+    assert_eq!(scoped("dynamodb:ConditionCheckItem"), ["PROSPECT#"]);
+    assert_eq!(grants.len(), 4, "GetItem, PutItem, UpdateItem and ConditionCheckItem only (no delete, query or scan): {grants:?}");
+
+    // What a Stripe conversion, a Resend bounce and an SES notification over HTTPS send is
+    // allowed (the recording test checks these are exactly the partitions named)...
+    for (action, pk) in [
+        ("dynamodb:GetItem", "INTEGRATION#whep_0123"),
+        ("dynamodb:GetItem", "EXT#account#crm-1"),
+        ("dynamodb:UpdateItem", "PROSPECT#account#hash"),
+        ("dynamodb:PutItem", "EVENT#stripe#account#hash"),
+        ("dynamodb:PutItem", "FEEDBACK#hash#hash"),
+        ("dynamodb:ConditionCheckItem", "PROSPECT#account#hash"),
+        ("dynamodb:GetItem", "MSG#0100018f-aaaa"),
+    ] {
+        assert!(allows(&grants, action, pk), "{action} on {pk} is allowed");
+    }
+    // ...and nothing else: no key, account, campaign, endpoint or pointer is written, no idempotency
+    // record read, nothing deleted.
+    for (action, pk) in [
+        ("dynamodb:PutItem", "KEY#hash"),
+        ("dynamodb:UpdateItem", "KEY#hash"),
+        ("dynamodb:GetItem", "KEY#hash"),
+        ("dynamodb:GetItem", "IDEM#account#hash"),
+        ("dynamodb:PutItem", "INTEGRATION#whep_0123"),
+        ("dynamodb:PutItem", "PROSPECT#account#hash"),
+        ("dynamodb:PutItem", "PID#account#id"),
+        ("dynamodb:UpdateItem", "ACCOUNT#account"),
+        ("dynamodb:UpdateItem", "CAMPAIGN#campaign"),
+        ("dynamodb:DeleteItem", "INTEGRATION#whep_0123"),
+        ("dynamodb:DeleteItem", "PROSPECT#account#hash"),
+    ] {
+        assert!(!allows(&grants, action, pk), "{action} on {pk} is denied");
+    }
+    let events: Vec<(&str, &str)> = resource("WebhooksFunction")["Properties"]["Events"]
+        .as_mapping()
+        .expect("Events")
+        .values()
+        .map(|e| (e["Properties"]["Method"].as_str().unwrap_or_default(), e["Properties"]["Path"].as_str().unwrap_or_default()))
+        .collect();
+    assert_eq!(events, [("POST", shared::http::SES_WEBHOOK_PATH), ("POST", shared::http::PROVIDER_WEBHOOK_PATH)], "the routes webhooks_router serves");
+}
+
 #[test]
 fn the_scheduler_consumes_its_queue_through_a_mapping_with_the_batch_settings() {
     let mappings = event_source_mappings("SchedulerFunction");
@@ -761,6 +865,35 @@ async fn serve(backend: &Backend, routes: Routes) -> String {
     let app = router(service, routes);
     tokio::spawn(async move { axum::serve(listener, app).await });
     base
+}
+
+/// Serves the webhooks function's router over `service` on a loopback port; returns its base URL.
+async fn serve_webhooks(service: WebhookService) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, webhooks_router(service)).await });
+    base
+}
+
+/// An SNS notification of the test topic carrying `message`, signed now with the test certificate.
+fn sns_notification(message_id: &str, message: &str) -> String {
+    let unsigned = json!({
+        "Type": "Notification", "MessageId": message_id, "TopicArn": SNS_TEST_TOPIC, "Message": message,
+        "Timestamp": SystemClock.now().format(&time::format_description::well_known::Rfc3339).unwrap(), "SignatureVersion": "2",
+        "SigningCertURL": sns_test_signer().cert_url,
+        "UnsubscribeURL": format!("https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe&SubscriptionArn={SNS_TEST_TOPIC}:4f2a"),
+    });
+    sign(&["sns", sns_test_signer().key.to_str().unwrap()], &unsigned.to_string())
+}
+
+/// The headers of a Standard Webhooks (Resend) delivery of `body`, signed now with `secret`.
+fn resend_headers(secret: &str, id: &str, body: &str) -> [(&'static str, String); 3] {
+    let key = base64::engine::general_purpose::STANDARD.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    let t = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{t}.{body}").as_bytes());
+    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    [("svix-id", id.to_owned()), ("svix-timestamp", t.to_string()), ("svix-signature", format!("v1,{signature}"))]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -929,6 +1062,74 @@ async fn each_function_calls_only_and_all_of_the_actions_its_rows_list() {
         ]
     );
     recorded.insert("feedback", seen.take());
+
+    // webhooks: a Stripe payment naming an unknown prospect id, then the external_id of one
+    // (converted), delivered twice (a duplicate); bad signatures at the endpoint, then one more
+    // once its bucket has expired (read after the write that found it gone); Resend events: a
+    // transient bounce of a prospect found by its address, a delivery found by its Message-ID;
+    // an SES complaint over SNS HTTPS named by SES's message id only.
+    let stripe_secret = "whsec_iam0123456789abcdefghijklmnop";
+    let resend_secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(b"iam-resend-signing-key-0123456789"));
+    let integrations = backend.integrations.as_ref();
+    let stripe = admin::create_integration(backend.admin.as_ref(), integrations, account.id, Provider::Stripe, stripe_secret, &SystemClock).await.unwrap();
+    let resend = admin::create_integration(backend.admin.as_ref(), integrations, account.id, Provider::Resend, &resend_secret, &SystemClock).await.unwrap();
+    let fetcher: Arc<dyn HttpsGet> = Arc::new(ReqwestGet::new().unwrap());
+    let sns = SnsVerifier::new(vec![SNS_TEST_TOPIC.to_owned()], fetcher).with_cert_dir(&sns_test_signer().dir).unwrap();
+    let notification = sns_notification("iam-sns-1", &ses_notification(Naming::MessageId, "Complaint", &message_id, email, SystemClock.now(), json!({"feedbackId": "iam-fb-9"})));
+    let base = serve_webhooks(backend.webhook_service(Arc::new(SystemClock), sns)).await;
+    seen.take();
+    let stripe_url = format!("{base}/webhooks/stripe/{}", stripe.id);
+    let payment = json!({
+        "id": "evt_iam_1",
+        "type": "checkout.session.completed",
+        "data": {"object": {"payment_status": "paid", "client_reference_id": "crm-2", "metadata": {"prospect_id": uuid::Uuid::new_v4().to_string()}}},
+    })
+    .to_string();
+    for _ in 0..2 {
+        let signature = stripe_signature(stripe_secret, SystemClock.now().unix_timestamp(), &payment);
+        let status = http.post(&stripe_url).header("stripe-signature", signature).body(payment.clone()).send().await.unwrap().status();
+        assert_eq!(status, 200, "the Stripe payment");
+    }
+    let paid = backend.repo.find(account.id, &ProspectRef::ExternalId(ExternalId::parse("crm-2").unwrap())).await.unwrap().expect("the prospect paying");
+    assert_eq!(paid.status, ProspectStatus::Converted);
+    let bad_signature = || {
+        let signature = stripe_signature("whsec_another", SystemClock.now().unix_timestamp(), &payment);
+        http.post(&stripe_url).header("stripe-signature", signature).body(payment.clone()).send()
+    };
+    for _ in 0..4 {
+        assert_eq!(bad_signature().await.unwrap().status(), 400);
+    }
+    let unrecorded = aws_sdk_dynamodb::Client::new(&sdk);
+    let buckets = unrecorded
+        .scan()
+        .table_name(&name)
+        .filter_expression("begins_with(pk, :p)")
+        .expression_attribute_values(":p", aws_sdk_dynamodb::types::AttributeValue::S("RATE#".into()))
+        .send()
+        .await
+        .unwrap();
+    assert!(!buckets.items().is_empty(), "the endpoint's bucket was written");
+    for bucket in buckets.items() {
+        unrecorded.delete_item().table_name(&name).key("pk", bucket["pk"].clone()).send().await.unwrap();
+    }
+    assert_eq!(bad_signature().await.unwrap().status(), 400);
+    let resend_url = format!("{base}/webhooks/resend/{}", resend.id);
+    let header_message_id = format!("<{}>", reference.message_id("acme.example"));
+    for (id, body) in [
+        ("msg_iam_1", json!({"type": "email.bounced", "data": {"email_id": "re-iam-1", "to": ["s3@example.com"], "bounce": {"type": "Transient"}}})),
+        ("msg_iam_2", json!({"type": "email.delivered", "data": {"email_id": "re-iam-2", "to": [email], "headers": [{"name": "Message-ID", "value": header_message_id}]}})),
+    ] {
+        let body = body.to_string();
+        let mut request = http.post(&resend_url).body(body.clone());
+        for (header, value) in resend_headers(&resend_secret, id, &body) {
+            request = request.header(header, value);
+        }
+        let answer: serde_json::Value = request.send().await.unwrap().json().await.unwrap();
+        assert_eq!(answer["events"][0]["outcome"], "applied", "{id}: {answer}");
+    }
+    let answer: serde_json::Value = http.post(format!("{base}/webhooks/ses")).body(notification).send().await.unwrap().json().await.unwrap();
+    assert_eq!(answer["events"][0]["outcome"], "applied", "a complaint named by SES's message id: {answer}");
+    recorded.insert("webhooks", seen.take());
 
     // prospects-erase (last: it removes prospects the others use): by id a prospect without an
     // external_id, by external_id one with both pointers, the first again (erased already) and

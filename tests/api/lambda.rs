@@ -4,38 +4,48 @@
 //! event in `events/` that belongs to it in one warm process (the GET and DELETE by id, and the
 //! SES notifications, with the ids of the prospect the POST event created in place of their
 //! placeholders; the DELETE events last, as they erase it). Also: each SES notification's
-//! effect on the prospect it names, one invocation each; a handler error is a Runtime API
-//! error report and not a crash, a function missing a variable its template sets fails at init
-//! naming it, and the variables each function's code reads are exactly the ones its template
+//! effect on the prospect it names, one invocation each; a signed Stripe payment converting the
+//! prospect it names through the webhooks function; a handler error is a Runtime API error
+//! report and not a crash, a function missing a variable its template sets fails at init naming
+//! it (unless the variable may be unset), an SNS configuration that cannot be read fails init
+//! saying why, and the variables each function's code reads are exactly the ones its template
 //! sets. The binaries are built beside `cadenhq` (`scripts/test` builds them first).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use hmac::{Hmac, Mac};
 use serde_json::Value;
+use sha2::Sha256;
+use shared::adapters::sns_http::{CERT_DIR, TOPIC_ARNS};
 use shared::admin;
 use shared::backend::Backend;
 use shared::config::{
     DeliveryConfig, QueueConfig, TableConfig, PUBLIC_URL, QUEUE_URL, SENDER, SES_CONFIGURATION_SET, TABLE_NAME, UNSUBSCRIBE_SECRET_ARN,
     UNSUBSCRIBE_SECRET_FROM_AWS_VARS,
 };
-use shared::domain::{AccountId, ApiKey, ApiKeyRecord, CampaignDefinition, Prospect, ProspectStatus, StatusReason, SystemClock};
+use shared::domain::{AccountId, ApiKey, ApiKeyRecord, CampaignDefinition, Prospect, ProspectStatus, Provider, StatusReason, SystemClock};
 use shared::ports::ProspectRef;
 
 use crate::events::{
-    assert_erase_body, assert_erased, assert_read_body, assert_status_changes, created_prospect, first_step, is_erase, is_read,
-    with_created_references, CREATED_PROSPECT_ID, EXPECTED, SNS_EVENTS, SQS_EVENTS,
+    assert_erase_body, assert_erased, assert_read_body, assert_status_changes, assert_webhook_body, created_prospect, first_step, is_erase,
+    is_read, is_webhook, with_created_references, CREATED_PROSPECT_ID, EXPECTED, SNS_EVENTS, SQS_EVENTS, WEBHOOKS_SNS_TOPIC,
 };
 use crate::helpers::{create_queues, create_table, emulator_sdk_config, CAMPAIGN_FILE};
 
-/// How each `shared::config` reader called in a function's `main.rs` maps to the variables it reads.
-const READERS: [(&str, &[&str]); 4] = [
+/// How each configuration reader called in a function's `main.rs` maps to the variables it reads.
+const READERS: [(&str, &[&str]); 5] = [
     ("TableConfig::from_env", TableConfig::VARS),
     ("QueueConfig::from_env", QueueConfig::VARS),
     ("DeliveryConfig::from_env", DeliveryConfig::VARS),
     ("unsubscribe_secret_from_aws", UNSUBSCRIBE_SECRET_FROM_AWS_VARS),
+    ("SnsVerifier::from_env", &[TOPIC_ARNS, CERT_DIR]),
 ];
+
+/// Variables read that may be unset: the function starts without them (no SNS topic accepted;
+/// SNS certificates fetched, not read from a folder). A template may leave them out.
+const OPTIONAL: [&str; 2] = [TOPIC_ARNS, CERT_DIR];
 
 const SENDER_VALUE: &str = "Acme <hello@acme.example>";
 const PUBLIC_URL_VALUE: &str = "https://api.acme.example";
@@ -108,6 +118,7 @@ fn owner(event: &Value) -> &'static str {
         return "feedback";
     }
     match event["routeKey"].as_str().unwrap_or_default().split_once(' ') {
+        Some(("POST", path)) if path.starts_with("/webhooks/") => "webhooks",
         Some(("POST", "/api/v1/prospects")) => "prospects-post",
         Some(("PATCH", path)) if path.starts_with("/api/v1/prospects/") => "prospects-patch",
         Some(("GET", path)) if path.starts_with("/api/v1/prospects") => "prospects-read",
@@ -158,6 +169,7 @@ async fn emulated_environment() -> (BTreeMap<&'static str, String>, Backend, Acc
         (PUBLIC_URL, PUBLIC_URL_VALUE.to_owned()),
         (UNSUBSCRIBE_SECRET_ARN, secret_arn),
         (SES_CONFIGURATION_SET, configuration_set),
+        (TOPIC_ARNS, WEBHOOKS_SNS_TOPIC.to_owned()),
     ]);
     (values, backend, account.id)
 }
@@ -226,6 +238,9 @@ fn assert_http_answer(name: &str, expected: u16, payload: &Value, read: Option<&
     if is_erase(name) {
         return assert_erase_body(name, expected, &body, read.unwrap_or_else(|| panic!("{name}: the prospect it erases")));
     }
+    if is_webhook(name) {
+        return assert_webhook_body(name, expected, &body);
+    }
     match expected {
         200 | 201 => assert_eq!(body["accepted"], true, "{name}: {body}"),
         422 => assert!(body["errors"].is_array(), "{name}: {body}"),
@@ -258,7 +273,7 @@ async fn every_function_binary_answers_its_events_as_documented_from_one_warm_pr
     // POST, then PATCH, then GET, then the SES notifications, then DELETE (which erases the
     // prospect the others change and read): the events run in the order events.rs gives,
     // against one table.
-    let binaries = ["prospects-post", "prospects-patch", "prospects-read", "feedback", "prospects-erase", "unsubscribe", "scheduler"];
+    let binaries = ["prospects-post", "prospects-patch", "prospects-read", "feedback", "prospects-erase", "unsubscribe", "scheduler", "webhooks"];
     let mut all: Vec<String> = template_functions().into_iter().map(|f| f.binary).collect();
     all.sort();
     let mut run: Vec<&str> = binaries.to_vec();
@@ -396,6 +411,72 @@ async fn each_ses_notification_makes_its_change_to_the_new_prospect_it_names_and
     assert_eq!(lines[1]["kind"], "response", "{}", lines[1]);
 }
 
+/// A `Stripe-Signature` header for `body` signed at `t` (Unix seconds) with `secret`, as
+/// Stripe makes it: `t=<t>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, keyed by the whole `whsec_`
+/// secret.
+pub(crate) fn stripe_signature(secret: &str, t: i64, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{t}.{body}").as_bytes());
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_stripe_payment_converts_the_prospect_it_names_once_through_the_webhooks_function() {
+    let (values, backend, account) = emulated_environment().await;
+    let (output, lines) = invoke("prospects-post", &template_env("prospects-post", &values), &[event_path("post-prospect-created")], true);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(lines[0]["payload"]["statusCode"], 201, "{}", lines[0]);
+    let before = created_prospect(backend.repo.as_ref(), account).await;
+    let secret = "whsec_lambda0123456789abcdefghijklmnop";
+    let integration =
+        admin::create_integration(backend.admin.as_ref(), backend.integrations.as_ref(), account, Provider::Stripe, secret, &SystemClock).await.unwrap();
+    // The unknown-endpoint event (its payment names the created prospect's external_id), sent to
+    // this endpoint and signed now with its secret.
+    let mut event = read_event("webhooks-stripe-unknown-endpoint");
+    let path = format!("/webhooks/stripe/{}", integration.id);
+    event["rawPath"] = Value::String(path.clone());
+    event["requestContext"]["http"]["path"] = Value::String(path);
+    event["pathParameters"]["endpoint_id"] = Value::String(integration.id.to_string());
+    let body = event["body"].as_str().expect("a body").to_owned();
+    let signature = stripe_signature(secret, time::OffsetDateTime::now_utc().unix_timestamp(), &body);
+    event["headers"]["stripe-signature"] = Value::String(signature);
+    let dir = tempfile::tempdir().unwrap();
+    let signed = dir.path().join("webhooks-stripe-signed.json");
+    std::fs::write(&signed, event.to_string()).unwrap();
+
+    // Delivered twice, as Stripe retries.
+    let (output, lines) = invoke("webhooks", &template_env("webhooks", &values), &[signed.clone(), signed], true);
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stripe_event: Value = serde_json::from_str(&body).unwrap();
+    for (line, outcome) in lines.iter().take(2).zip(["applied", "duplicate"]) {
+        assert_eq!(line["payload"]["statusCode"], 200, "{line}");
+        let answer: Value = serde_json::from_str(line["payload"]["body"].as_str().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(answer["received"], true, "{answer}");
+        assert_eq!(answer["events"][0]["id"], stripe_event["id"], "{answer}");
+        assert_eq!(answer["events"][0]["type"], "checkout.session.completed", "{answer}");
+        assert_eq!(answer["events"][0]["outcome"], outcome, "{answer}");
+    }
+    let after = created_prospect(backend.repo.as_ref(), account).await;
+    assert_status_changes("a Stripe payment delivered twice", &before, &after, &[(ProspectStatus::Converted, StatusReason::Payment)]);
+}
+
+#[test]
+fn the_webhooks_function_with_an_sns_certificate_folder_it_cannot_read_fails_init_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-folder");
+    let missing = missing.to_str().unwrap();
+    let env = [(TABLE_NAME, "unused"), (TOPIC_ARNS, WEBHOOKS_SNS_TOPIC), (CERT_DIR, missing)];
+
+    let (output, lines) = invoke("webhooks", &env, &[event_path("webhooks-ses-unsigned")], false);
+
+    assert!(!output.status.success(), "exits non-zero");
+    let report = lines.last().expect("a report");
+    assert_eq!(report["kind"], "init_error", "{report}");
+    let log = report["log"].to_string();
+    assert!(log.contains("SNS certificate folder") && log.contains(missing), "the function's output says why: {report}");
+}
+
 #[test]
 fn a_handler_error_is_reported_to_the_runtime_api_and_the_process_serves_the_next_event() {
     let dir = tempfile::tempdir().unwrap();
@@ -423,6 +504,7 @@ fn a_function_started_without_a_variable_its_template_sets_fails_init_naming_it(
         (PUBLIC_URL, PUBLIC_URL_VALUE),
         (UNSUBSCRIBE_SECRET_ARN, "arn:aws:secretsmanager:us-east-1:000000000000:secret:unused"),
         (SES_CONFIGURATION_SET, "unused"),
+        (TOPIC_ARNS, WEBHOOKS_SNS_TOPIC),
     ]);
     for function in template_functions() {
         let (event, _) = events_of(&function.binary).into_iter().next().expect("the function has an event");
@@ -433,6 +515,11 @@ fn a_function_started_without_a_variable_its_template_sets_fails_init_naming_it(
             let (output, lines) = invoke(&function.binary, &env, &[event_path(event)], false);
 
             let what = format!("{} without {missing}", function.binary);
+            if OPTIONAL.contains(&missing.as_str()) {
+                assert!(output.status.success(), "{what}: starts: {}", stderr(&output));
+                assert_eq!(lines[0]["kind"], "response", "{what}: answers its event: {}", lines[0]);
+                continue;
+            }
             assert!(!output.status.success(), "{what}: exits non-zero");
             let report = lines.last().unwrap_or_else(|| panic!("{what}: a report"));
             assert_eq!(report["kind"], "init_error", "{what}: {report}");
@@ -491,6 +578,8 @@ fn every_variable_a_function_reads_is_set_in_its_template_function_and_every_one
         reads.dedup();
         let mut set: Vec<&str> = function.variables.iter().map(String::as_str).collect();
         set.sort_unstable();
+        // A variable that may be unset is set or not, as the template chooses.
+        reads.retain(|v| !OPTIONAL.contains(v) || set.contains(v));
 
         assert_eq!(reads, set, "{} ({}): variables read by main.rs vs set in template.yaml", function.binary, function.logical_id);
     }
