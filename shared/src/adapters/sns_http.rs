@@ -126,9 +126,9 @@ impl std::fmt::Debug for SnsVerifier {
 /// Why [`SnsVerifier::from_env`] or [`SnsVerifier::with_cert_dir`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SnsConfigError {
-    #[error("cannot read the SNS certificate folder {path}: {source}")]
+    #[error("cannot read the SNS certificate folder {path} (CADENHQ_SNS_CERT_DIR): {source}")]
     CertDir { path: String, source: std::io::Error },
-    #[error("{path} is not a PEM X.509 certificate")]
+    #[error("{path} (in CADENHQ_SNS_CERT_DIR) is not a PEM X.509 certificate")]
     NotACertificate { path: String },
     #[error("cannot build the HTTPS client for SNS: {0}")]
     Client(#[from] reqwest::Error),

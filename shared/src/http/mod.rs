@@ -146,9 +146,14 @@ fn with_rate_limit(mut response: Response, caller: &Caller) -> Response {
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body_within(body, BODY_LIMIT_BYTES)
+}
+
+/// The body of a route whose body limit is `limit`, or the error its rejection is.
+fn body_within(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(BODY_LIMIT_BYTES)
+            ApiError::PayloadTooLarge(limit)
         } else {
             ApiError::BadRequest("Request body could not be read".into())
         }

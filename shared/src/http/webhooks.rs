@@ -60,13 +60,7 @@ fn answer(result: Result<Receipt, WebhookError>) -> Response {
 }
 
 fn webhook_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(WEBHOOK_BODY_LIMIT_BYTES)
-        } else {
-            ApiError::BadRequest("Request body could not be read".into())
-        }
-    })
+    super::body_within(body, WEBHOOK_BODY_LIMIT_BYTES)
 }
 
 async fn ses(State(service): State<WebhookState>, body: Result<Bytes, BytesRejection>) -> Response {

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
 use sha2::{Digest, Sha256};
 
-use super::{account_pk, doc_of, key, n, s, sdk_error, to_doc, DynamoStore, GSI1};
+use super::{account_pk, doc_of, key, n, s, sdk_error, to_doc, DynamoStore};
 use crate::adapters::record::rfc3339;
 use crate::domain::{AccountId, EndpointId, Integration, Provider, ReceivedEvent};
 use crate::ports::{IntegrationStore, StoreError, EVENT_RETENTION};
@@ -87,33 +87,7 @@ impl IntegrationStore for DynamoStore {
     }
 
     async fn list_events(&self, account: Option<AccountId>, limit: u32) -> Result<Vec<ReceivedEvent>, StoreError> {
-        let mut events = Vec::new();
-        let mut start = None;
-        loop {
-            let want = i32::try_from(limit.saturating_sub(u32::try_from(events.len()).unwrap_or(u32::MAX))).unwrap_or(i32::MAX);
-            if want == 0 {
-                return Ok(events);
-            }
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(GSI1)
-                .key_condition_expression("gsi1pk = :p")
-                .expression_attribute_values(":p", s(events_gsi(account)))
-                .scan_index_forward(false)
-                .limit(want)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(sdk_error)?;
-            for item in out.items.unwrap_or_default() {
-                events.push(doc_of(&item)?);
-            }
-            start = out.last_evaluated_key;
-            if start.is_none() {
-                return Ok(events);
-            }
-        }
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        self.query_gsi_with(events_gsi(account), true, limit).await?.iter().map(doc_of).collect()
     }
 }

@@ -246,9 +246,15 @@ impl DynamoStore {
     }
 
     async fn query_gsi(&self, gsi1pk: String) -> Result<Vec<Item>, StoreError> {
+        self.query_gsi_with(gsi1pk, false, usize::MAX).await
+    }
+
+    /// Up to `limit` items of `gsi1pk` on `gsi1`, oldest first or newest first.
+    async fn query_gsi_with(&self, gsi1pk: String, newest_first: bool, limit: usize) -> Result<Vec<Item>, StoreError> {
         let mut items = Vec::new();
         let mut start = None;
         loop {
+            let want = i32::try_from(limit - items.len()).ok();
             let out = self
                 .client
                 .query()
@@ -256,13 +262,16 @@ impl DynamoStore {
                 .index_name(GSI1)
                 .key_condition_expression("gsi1pk = :p")
                 .expression_attribute_values(":p", s(&gsi1pk))
+                .scan_index_forward(!newest_first)
+                .set_limit(want)
                 .set_exclusive_start_key(start)
                 .send()
                 .await
                 .map_err(sdk_error)?;
             items.extend(out.items.unwrap_or_default());
             start = out.last_evaluated_key;
-            if start.is_none() {
+            if start.is_none() || items.len() >= limit {
+                items.truncate(limit);
                 return Ok(items);
             }
         }
