@@ -1,4 +1,4 @@
-//! No raw API key and no raw email address in any log line, and no raw key in the stored data
+//! No raw API key, no raw email address and no webhook secret in any log line, and no raw key in the stored data
 //! of either backend; revoked keys stop working when promised.
 
 use std::io::Read;
@@ -89,6 +89,18 @@ fn server_logs_never_contain_a_raw_key_or_email_address() {
             .json(&json!({"status": "converted"}))
             .send()
             .await;
+        // A Stripe payment naming a prospect by email, and one with a bad signature, through an
+        // endpoint created beside the running server.
+        let accounts = crate::cli::json_of(&crate::cli::cadenhq(dir.path(), &["accounts", "list", "--json"]));
+        let account = accounts["accounts"][0]["account_id"].as_str().unwrap().to_owned();
+        let created = crate::cli::cadenhq(dir.path(), &["integrations", "create", "--account", &account, "--provider", "stripe", "--secret", STRIPE_PROBE_SECRET, "--public-url", &url, "--json"]);
+        let endpoint = crate::cli::json_of(&created)["url"].as_str().unwrap().to_owned();
+        let payment = json!({"id": "evt_log_probe", "type": "invoice.paid", "data": {"object": {"customer_email": emails[1]}}}).to_string();
+        let header = crate::helpers::sign(&["stripe", STRIPE_PROBE_SECRET, &time::OffsetDateTime::now_utc().unix_timestamp().to_string()], &payment);
+        let paid = http.post(&endpoint).header("stripe-signature", header).body(payment.clone()).send().await.unwrap();
+        assert_eq!(paid.status(), 200);
+        let refused = http.post(&endpoint).header("stripe-signature", format!("t=1,v1={STRIPE_PROBE_SECRET}")).body(payment).send().await.unwrap();
+        assert_eq!(refused.status(), 400);
         // Let the in-process scheduler send (and log) the first campaign emails.
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     });
@@ -105,4 +117,9 @@ fn server_logs_never_contain_a_raw_key_or_email_address() {
     }
     assert!(!logs.contains(&key) && !logs.contains(&key[4..]), "the key in the logs");
     assert!(!logs.contains("chq_wrong_key_for_the_log_probe"));
+    assert!(logs.contains("prospect status set"), "the payment was applied and logged: {logs}");
+    assert!(!logs.contains(STRIPE_PROBE_SECRET) && !logs.contains(&STRIPE_PROBE_SECRET["whsec_".len()..]), "a webhook secret in the logs");
 }
+
+/// The signing secret of the log probe's Stripe endpoint.
+const STRIPE_PROBE_SECRET: &str = "whsec_logprobe7f3a9c1e5b2d8f4a6c0e";
