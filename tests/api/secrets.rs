@@ -1,5 +1,5 @@
-//! No raw API key, no raw email address and no webhook secret in any log line, and no raw key in the stored data
-//! of either backend; revoked keys stop working when promised.
+//! No raw API key, no raw email address and no webhook secret in any log line, and no raw key
+//! in the stored data of either backend; revoked keys stop working when promised.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
