@@ -1,5 +1,5 @@
 //! Each function's IAM actions in `template.yaml` against the AWS calls its code can make, both
-//! ways: nothing missing, nothing extra. Three tables say what the code can call, and tests keep
+//! ways: nothing missing, nothing extra. Five tables say what the code can call, and tests keep
 //! each of them honest:
 //!
 //! - [`ADAPTER_ACTIONS`]: the IAM actions each port method of the AWS adapters needs, from the
