@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use tracing::{info, instrument, warn};
 
-use crate::domain::{parse_ses_notification, AccountId, Clock, EmailReference, ProspectId, SendKey, Effect, Feedback, FeedbackError, FeedbackKind, NormalizedEmail, ProspectStatus, StatusReason};
+use crate::domain::{
+    parse_ses_notification, AccountId, Clock, Effect, EmailReference, Feedback, FeedbackError, FeedbackKind, NormalizedEmail, ProspectId, ProspectStatus,
+    SendKey, StatusReason,
+};
 use crate::ports::{FeedbackApplied, FeedbackChange, FeedbackLog, FeedbackWrite, ProspectKey, StoreError};
 
 /// What one piece of feedback did.
