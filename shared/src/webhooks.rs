@@ -166,11 +166,7 @@ impl WebhookService {
             Provider::Stripe => self.take_stripe(&integration, body, now).await,
             Provider::Resend => {
                 let event_id = header_of(headers, &["svix-id", "webhook-id"]).unwrap_or_default();
-                let feedback = parse_resend_event(body, event_id, now).map_err(|e| WebhookError::Malformed(e.to_string()))?;
-                let event_type = serde_json::from_slice::<serde_json::Value>(body)
-                    .ok()
-                    .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
-                    .unwrap_or_default();
+                let (event_type, feedback) = parse_resend_event(body, event_id, now).map_err(|e| WebhookError::Malformed(e.to_string()))?;
                 let outcome = self.take_feedback_event(&integration, &feedback).await?;
                 self.log(&integration, Some(integration.account_id), event_id.to_owned(), event_type.clone(), outcome, now).await?;
                 Ok(Receipt { events: vec![ReceiptEvent { id: event_id.to_owned(), event_type, outcome }] })

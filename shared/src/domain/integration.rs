@@ -165,8 +165,8 @@ impl SigningSecret {
     /// What `integrations list` shows of it: its last four characters.
     #[must_use]
     pub fn hint(&self) -> String {
-        let tail: String = self.0.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
-        format!("...{tail}")
+        let skip = self.0.chars().count().saturating_sub(4);
+        format!("...{}", self.0.chars().skip(skip).collect::<String>())
     }
 }
 

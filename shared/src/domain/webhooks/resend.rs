@@ -111,7 +111,7 @@ struct Bounce {
     class: Option<String>,
 }
 
-/// Reads a Resend webhook body. `email.bounced` (with `data.bounce.type` `Permanent`,
+/// Reads a Resend webhook body: its type, and its feedback. `email.bounced` (with `data.bounce.type` `Permanent`,
 /// `Transient` or anything else as undetermined; Resend gives no SMTP status),
 /// `email.complained` and `email.delivered` give one piece of feedback per address in
 /// `data.to`; every other type gives none. The body carries no event id: `event_id` is the
@@ -122,10 +122,10 @@ struct Bounce {
 /// # Errors
 /// [`PayloadError`] for a body that is not a Resend event, or an email event without its
 /// `data.email_id` or with a `data.to` that is not a list of strings.
-pub fn parse_resend_event(body: &[u8], event_id: &str, now: OffsetDateTime) -> Result<Vec<Feedback>, PayloadError> {
+pub fn parse_resend_event(body: &[u8], event_id: &str, now: OffsetDateTime) -> Result<(String, Vec<Feedback>), PayloadError> {
     let event: Event = serde_json::from_slice(body).map_err(|e| PayloadError::json(&e))?;
     if !matches!(event.event_type.as_str(), "email.bounced" | "email.complained" | "email.delivered") {
-        return Ok(Vec::new());
+        return Ok((event.event_type, Vec::new()));
     }
     let data = EmailData::deserialize(&event.data).map_err(|e| PayloadError(format!("data of {}: {e}", event.event_type)))?;
     let kind = match event.event_type.as_str() {
@@ -144,7 +144,7 @@ pub fn parse_resend_event(body: &[u8], event_id: &str, now: OffsetDateTime) -> R
         .chain(data.message_id.as_deref())
         .find_map(EmailReference::from_message_id);
     let at = event.created_at.and_then(|at| OffsetDateTime::parse(&at, &Rfc3339).ok()).unwrap_or(now);
-    Ok(data
+    let feedback = data
         .to
         .into_iter()
         .map(|recipient| Feedback {
@@ -155,7 +155,8 @@ pub fn parse_resend_event(body: &[u8], event_id: &str, now: OffsetDateTime) -> R
             reference,
             at,
         })
-        .collect())
+        .collect();
+    Ok((event.event_type, feedback))
 }
 
 /// The values of the `Message-ID` headers in `headers`: `[{"name": .., "value": ..}]` or
@@ -267,7 +268,7 @@ mod tests {
     }
 
     fn parse(body: &serde_json::Value) -> Result<Vec<Feedback>, PayloadError> {
-        parse_resend_event(&serde_json::to_vec(body).unwrap(), "msg_1", now())
+        parse_resend_event(&serde_json::to_vec(body).unwrap(), "msg_1", now()).map(|(_, feedback)| feedback)
     }
 
     #[test]
