@@ -39,6 +39,8 @@ use std::sync::{Arc, Mutex};
 use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
 use serde_json::json;
 use serde_norway::Value;
 use shared::adapters::dynamodb::DynamoStore;
@@ -886,9 +888,12 @@ fn sns_notification(message_id: &str, message: &str) -> String {
 
 /// The headers of a Standard Webhooks (Resend) delivery of `body`, signed now with `secret`.
 fn resend_headers(secret: &str, id: &str, body: &str) -> [(&'static str, String); 3] {
-    let t = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
-    let signature = sign(&["standard", secret, id, &t], body);
-    [("svix-id", id.to_owned()), ("svix-timestamp", t), ("svix-signature", signature)]
+    let key = base64::engine::general_purpose::STANDARD.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    let t = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{t}.{body}").as_bytes());
+    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    [("svix-id", id.to_owned()), ("svix-timestamp", t.to_string()), ("svix-signature", format!("v1,{signature}"))]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1064,10 +1069,10 @@ async fn each_function_calls_only_and_all_of_the_actions_its_rows_list() {
     // transient bounce of a prospect found by its address, a delivery found by its Message-ID;
     // an SES complaint over SNS HTTPS named by SES's message id only.
     let stripe_secret = "whsec_iam0123456789abcdefghijklmnop";
-    let resend_secret = "whsec_aWFtLXJlc2VuZC1zaWduaW5nLWtleS0wMTIzNDU2Nzg5";
+    let resend_secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(b"iam-resend-signing-key-0123456789"));
     let integrations = backend.integrations.as_ref();
     let stripe = admin::create_integration(backend.admin.as_ref(), integrations, account.id, Provider::Stripe, stripe_secret, &SystemClock).await.unwrap();
-    let resend = admin::create_integration(backend.admin.as_ref(), integrations, account.id, Provider::Resend, resend_secret, &SystemClock).await.unwrap();
+    let resend = admin::create_integration(backend.admin.as_ref(), integrations, account.id, Provider::Resend, &resend_secret, &SystemClock).await.unwrap();
     let fetcher: Arc<dyn HttpsGet> = Arc::new(ReqwestGet::new().unwrap());
     let sns = SnsVerifier::new(vec![SNS_TEST_TOPIC.to_owned()], fetcher).with_cert_dir(&sns_test_signer().dir).unwrap();
     let notification = sns_notification("iam-sns-1", &ses_notification(Naming::MessageId, "Complaint", &message_id, email, SystemClock.now(), json!({"feedbackId": "iam-fb-9"})));
@@ -1116,7 +1121,7 @@ async fn each_function_calls_only_and_all_of_the_actions_its_rows_list() {
     ] {
         let body = body.to_string();
         let mut request = http.post(&resend_url).body(body.clone());
-        for (header, value) in resend_headers(resend_secret, id, &body) {
+        for (header, value) in resend_headers(&resend_secret, id, &body) {
             request = request.header(header, value);
         }
         let answer: serde_json::Value = request.send().await.unwrap().json().await.unwrap();

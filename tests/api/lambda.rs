@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use hmac::{Hmac, Mac};
 use serde_json::Value;
+use sha2::Sha256;
 use shared::adapters::sns_http::{CERT_DIR, TOPIC_ARNS};
 use shared::admin;
 use shared::backend::Backend;
@@ -409,10 +411,13 @@ async fn each_ses_notification_makes_its_change_to_the_new_prospect_it_names_and
     assert_eq!(lines[1]["kind"], "response", "{}", lines[1]);
 }
 
-/// A `Stripe-Signature` header for `body` signed at `t` (Unix seconds) with `secret`, by
-/// Stripe's own library.
+/// A `Stripe-Signature` header for `body` signed at `t` (Unix seconds) with `secret`, as
+/// Stripe makes it: `t=<t>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, keyed by the whole `whsec_`
+/// secret.
 pub(crate) fn stripe_signature(secret: &str, t: i64, body: &str) -> String {
-    crate::helpers::sign(&["stripe", secret, &t.to_string()], body)
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{t}.{body}").as_bytes());
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
